@@ -1,0 +1,112 @@
+"""Event channels as a domain kernel sees them.
+
+The hypervisor sets a port's pending byte in our shared_info page and, if no
+upcall is already outstanding, pushes an upcall message.  On an upcall we scan
+shared_info, clear each pending port, and wake whichever task waits on it.
+Several sends before we look cost one upcall and one wake-up: that coalescing is
+the point of keeping the bits in memory.
+
+A `Port` is the handle a driver holds: `await port.notify()` rings the peer,
+`await port.wait()` sleeps until the peer rang (at least once) since the last
+wait.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from ipc.event_abi import EVTCHNSTAT_interdomain, SharedInfo
+
+if TYPE_CHECKING:
+    from domains.kernel.hypercall import Hypervisor
+
+
+class Port:
+    def __init__(self, events: "EventChannels", port: int) -> None:
+        self.events = events
+        self.port = port
+        self._fired = False
+        self._wake = trio.Event()
+        self.closed = False
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._wake.set()
+
+    async def wait(self) -> None:
+        """Return once the port has been signalled since the last wait."""
+        while not self._fired:
+            await self._wake.wait()
+        self._fired = False
+        self._wake = trio.Event()
+
+    def fired(self) -> bool:
+        """Consume a pending signal without sleeping."""
+        was, self._fired = self._fired, False
+        if was:
+            self._wake = trio.Event()
+        return was
+
+    async def notify(self) -> None:
+        await self.events.hv.call("event_channel_op", "send", port=self.port)
+
+    def notify_nowait(self) -> None:
+        """Ring the peer without waiting for the hypervisor's answer (the hot path)."""
+        self.events.hv.call_nowait("event_channel_op", "send", port=self.port)
+
+    async def status(self) -> dict:
+        return await self.events.hv.call("event_channel_op", "status", port=self.port)
+
+    async def peer_alive(self) -> bool:
+        """Is the other end still bound?  (It goes back to unbound when the peer dies.)"""
+        return (await self.status())["status"] == EVTCHNSTAT_interdomain
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.events.ports.pop(self.port, None)
+            await self.events.hv.call("event_channel_op", "close", port=self.port)
+
+
+class EventChannels:
+    def __init__(self, shared_info: SharedInfo) -> None:
+        self.shared_info = shared_info
+        self.ports: dict[int, Port] = {}
+        self.hv: "Hypervisor"   # set by the kernel once the channel exists
+        self.unclaimed: set[int] = set()
+
+    def upcall(self) -> None:
+        """Called by the hypercall reader for every upcall message."""
+        for port in self.shared_info.take_pending():
+            handle = self.ports.get(port)
+            if handle is not None:
+                handle._fire()
+            else:
+                self.unclaimed.add(port)   # fired before we made its Port: keep it
+
+    def _adopt(self, port: int) -> Port:
+        handle = Port(self, port)
+        self.ports[port] = handle
+        if port in self.unclaimed:
+            self.unclaimed.discard(port)
+            handle._fire()
+        return handle
+
+    async def alloc_unbound(self, remote_dom: int) -> Port:
+        r = await self.hv.call("event_channel_op", "alloc_unbound", remote_dom=remote_dom)
+        return self._adopt(r["port"])
+
+    async def bind_interdomain(self, remote_dom: int, remote_port: int) -> Port:
+        r = await self.hv.call("event_channel_op", "bind_interdomain",
+                               remote_dom=remote_dom, remote_port=remote_port)
+        return self._adopt(r["local_port"])
+
+    async def bind_virq(self, virq: int) -> Port:
+        r = await self.hv.call("event_channel_op", "bind_virq", virq=virq)
+        return self._adopt(r["port"])
+
+    def adopt(self, port: int) -> Port:
+        """A port made for us by someone else (the builder's store/console ports)."""
+        return self.ports.get(port) or self._adopt(port)

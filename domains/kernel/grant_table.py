@@ -1,0 +1,119 @@
+"""A domain kernel's grant table (what Linux's drivers/xen/grant-table.c is).
+
+Granting is a write to our own memory: pick a free reference, write
+(domid, gfn) and then the flags.  Ending access is also ours to do, but only if
+the hypervisor has not marked the entry GTF_reading/GTF_writing (somebody still
+maps it); then we refuse, as Linux's gnttab_end_foreign_access_ref does, and
+the caller must try again later.
+
+Mapping someone else's grant is a hypercall: the hypervisor checks their entry
+and hands us the page descriptor; we mmap it (read-only if asked, and the
+kernel enforces that).
+
+Where this differs from Xen: Xen clears an entry with an atomic cmpxchg so that
+a map racing with end-of-access is caught.  Python has no cmpxchg on shared
+memory, so our check-then-clear has a small window; losing it could only leave
+the peer with access to a page *we* had granted it, never widen anyone's access.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ipc.grant_abi import (GNTST_okay, GNTTAB_NR_RESERVED_ENTRIES, GRANT_ENTRY,
+                           GRANT_ENTRY_SIZE, GTF_permit_access, GTF_reading, GTF_readonly,
+                           GTF_writing)
+from ipc.page import map_frame
+
+if TYPE_CHECKING:
+    from domains.kernel.hypercall import Hypervisor
+
+
+class GrantError(Exception):
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(f"grant status {status}: {why}")
+        self.status = status
+
+
+@dataclass
+class Mapping:
+    dom: int
+    ref: int
+    handle: int
+    map: mmap.mmap
+    readonly: bool
+
+
+class GrantTable:
+    def __init__(self, hv: "Hypervisor", table: mmap.mmap, nr_entries: int) -> None:
+        self.hv = hv
+        self.table = table
+        self.nr_entries = nr_entries
+        self._free = list(range(nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+
+    # -- granting -----------------------------------------------------------
+    def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        if not self._free:
+            raise GrantError(-1, f"all {self.nr_entries} grant references in use")
+        ref = self._free.pop()
+        off = ref * GRANT_ENTRY_SIZE
+        GRANT_ENTRY.pack_into(self.table, off, 0, domid, gfn)
+        self.table[off] = GTF_permit_access | (GTF_readonly if readonly else 0)
+        return ref
+
+    def in_use(self, ref: int) -> bool:
+        return bool(self.table[ref * GRANT_ENTRY_SIZE] & (GTF_reading | GTF_writing))
+
+    def end_access(self, ref: int) -> bool:
+        """Revoke a grant; False (and nothing changed) if it is still mapped."""
+        if self.in_use(ref):
+            return False
+        GRANT_ENTRY.pack_into(self.table, ref * GRANT_ENTRY_SIZE, 0, 0, 0)
+        self._free.append(ref)
+        return True
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    # -- using others' grants ---------------------------------------------------
+    async def map(self, dom: int, ref: int, readonly: bool = False) -> Mapping:
+        return (await self.map_many([(dom, ref)], readonly))[0]
+
+    async def map_many(self, grants: list[tuple[int, int]], readonly: bool = False) -> list[Mapping]:
+        """Map several grants in one hypercall; all or nothing."""
+        ops = [{"dom": d, "ref": r, "readonly": readonly} for d, r in grants]
+        result, fds = await self.hv.call_fds("grant_table_op", "map_grant_ref", ops=ops)
+        out: list[Mapping] = []
+        fd_iter = iter(fds)
+        failed = None
+        for (dom, ref), res in zip(grants, result["results"]):
+            if res["status"] != GNTST_okay:
+                failed = failed or GrantError(res["status"], res.get("why", ""))
+                continue
+            fd = next(fd_iter)
+            try:
+                out.append(Mapping(dom, ref, res["handle"], map_frame(fd, writable=not readonly), readonly))
+            finally:
+                os.close(fd)
+        if failed is not None:
+            await self.unmap_many(out)
+            raise failed
+        return out
+
+    async def unmap_many(self, mappings: list[Mapping]) -> None:
+        if not mappings:
+            return
+        for m in mappings:
+            m.map.close()
+        await self.hv.call("grant_table_op", "unmap_grant_ref", handles=[m.handle for m in mappings])
+
+    async def unmap(self, mapping: Mapping) -> None:
+        await self.unmap_many([mapping])
+
+    async def copy(self, ops: list[dict[str, Any]]) -> list[int]:
+        """GNTTABOP_copy; returns a status per op."""
+        return (await self.hv.call("grant_table_op", "copy", ops=ops))["status"]

@@ -1,0 +1,120 @@
+"""The guest side of the hypercall channel, under trio.
+
+A domain kernel calls `await hv.call("event_channel_op", "send", port=3)` and
+gets the result or a HypercallError.  Calls are pipelined: each has a request
+id, and one reader task matches replies to callers and passes upcalls to the
+event-channel code.
+
+ZeroMQ under trio: the socket's `zmq.FD` is *edge*-triggered.  It becomes
+readable when ZeroMQ's internal state changes, and any send, recv or EVENTS
+query may consume that edge.  So after every send we look at `zmq.EVENTS`
+ourselves and drain anything that arrived, and the reader does the same after
+every wake-up; otherwise a reply that landed during a send would sit unread
+while the reader sleeps.  `drain()` is synchronous and never blocks, so the
+sender may run it inline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from typing import Any, Callable
+
+import msgpack
+import trio
+import zmq
+
+from ipc import channel, fdpass
+from ipc.channel import HypercallError
+
+
+class _Pending:
+    __slots__ = ("event", "value", "error", "fds")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Any = None
+        self.error: HypercallError | None = None
+        self.fds: list[int] = []
+
+
+class Hypervisor:
+    """One domain's connection to the hypervisor."""
+
+    def __init__(self, sock: zmq.Socket, fdsock: socket.socket,
+                 on_upcall: Callable[[], None]) -> None:
+        self.sock = sock
+        self.fdsock = fdsock
+        self.fdsock.settimeout(5)   # descriptors are sent before the reply: never a real wait
+        self.on_upcall = on_upcall
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._fd = sock.getsockopt(zmq.FD)
+
+    async def call(self, hypercall: str, cmd: str, **args: Any) -> Any:
+        value, fds = await self.call_fds(hypercall, cmd, **args)
+        for fd in fds:   # a caller that expected no pages gets none
+            os.close(fd)
+        return value
+
+    async def call_fds(self, hypercall: str, cmd: str, **args: Any) -> tuple[Any, list[int]]:
+        """A hypercall whose reply may carry page descriptors."""
+        req_id = next(self._ids)
+        pending = self._pending[req_id] = _Pending()
+        try:
+            await self._send(channel.encode_call(req_id, hypercall, cmd, args))
+            await pending.event.wait()
+        finally:
+            self._pending.pop(req_id, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.value, pending.fds
+
+    def call_nowait(self, hypercall: str, cmd: str, **args: Any) -> None:
+        """Fire a hypercall whose reply nobody awaits (its errors are logged, not raised)."""
+        self.sock.send(channel.encode_call(0, hypercall, cmd, args), zmq.NOBLOCK)
+        self.drain()
+
+    async def _send(self, data: bytes) -> None:
+        while True:
+            try:
+                self.sock.send(data, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                await trio.sleep(0.001)
+        self.drain()
+
+    def drain(self) -> None:
+        """Handle every message that has arrived, without blocking."""
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if msg[0] == channel.UPCALL:
+                self.on_upcall()
+                continue
+            _, req_id, err, result = msg[:4]
+            pending = self._pending.get(req_id)
+            fds = fdpass.recv_fds(self.fdsock, req_id, msg[4]) if len(msg) > 4 else []
+            if pending is None:
+                for fd in fds:
+                    os.close(fd)
+                if err:
+                    print(f"hypercall {req_id} failed: {result}", flush=True)
+                continue
+            if err:
+                pending.error = HypercallError(err, result)
+            else:
+                pending.value = result
+                pending.fds = fds
+            pending.event.set()
+
+    async def run(self) -> None:
+        """The reader task: wake on the socket's edge, then drain."""
+        while True:
+            self.drain()
+            await trio.lowlevel.wait_readable(self._fd)

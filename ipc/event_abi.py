@@ -1,0 +1,114 @@
+"""The event-channel ABI: shared_info's event bits and the virtual IRQ numbers.
+
+In Xen (public/xen.h, public/event_channel.h) every domain has a `shared_info`
+page that the hypervisor and the domain both see.  It holds, per event-channel
+port, a *pending* bit the hypervisor sets when the port is signalled and a
+*mask* bit the domain sets to say "don't interrupt me for this one", plus a
+per-vCPU `evtchn_upcall_pending` flag.  Because the bits live in memory, a
+thousand sends before the domain looks produce one pending bit and one upcall:
+notifications coalesce.
+
+Here the page is a one-page memfd mapped by the hypervisor and the domain.  The
+upcall itself is a short message the hypervisor pushes on the domain's ZeroMQ
+channel; it carries no port numbers, only "look at your shared_info".
+
+Where this differs from Xen, and why: Xen packs pending and mask as bits and
+updates them with atomic instructions.  Python has no atomic read-modify-write
+on shared memory, so each port gets a whole byte, which x86 stores atomically.
+The hypervisor only ever sets pending bytes and the domain only ever clears them,
+so no byte is written by both sides in a read-modify-write race.
+
+Layout of the page (all offsets in bytes):
+
+    0     evtchn_upcall_pending   (set by the hypervisor, cleared by the domain)
+    1     evtchn_upcall_mask      (set/cleared by the domain)
+    64    evtchn_pending[NR_EVENT_CHANNELS]
+    64+N  evtchn_mask[NR_EVENT_CHANNELS]
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+NR_EVENT_CHANNELS = 1024
+
+UPCALL_PENDING = 0
+UPCALL_MASK = 1
+PENDING_BASE = 64
+MASK_BASE = PENDING_BASE + NR_EVENT_CHANNELS
+
+# Virtual IRQs (public/xen.h).  Only the ones this system raises are listed.
+VIRQ_TIMER = 0
+VIRQ_DEBUG = 1
+VIRQ_CONSOLE = 2     # the hypervisor's console ring has new output (xl dmesg)
+VIRQ_DOM_EXC = 3     # a domain changed state: crashed, shut down, died
+NR_VIRQS = 24
+
+# evtchn_status states (public/event_channel.h, EVTCHNSTAT_*).
+EVTCHNSTAT_closed = 0
+EVTCHNSTAT_unbound = 1
+EVTCHNSTAT_interdomain = 2
+EVTCHNSTAT_pirq = 3
+EVTCHNSTAT_virq = 4
+EVTCHNSTAT_ipi = 5
+
+DOMID_SELF = 0x7FF0
+
+
+class SharedInfo:
+    """Typed access to one domain's shared_info page (a writable buffer)."""
+
+    def __init__(self, buf) -> None:
+        self._backing = buf
+        self.buf = memoryview(buf)
+
+    def close(self) -> None:
+        """Drop the view and unmap the page (if the backing is an mmap)."""
+        self.buf.release()
+        if hasattr(self._backing, "close"):
+            self._backing.close()
+
+    # -- hypervisor side ------------------------------------------------
+    def set_pending(self, port: int) -> bool:
+        """Mark `port` pending; True if the domain should get an upcall now."""
+        self.buf[PENDING_BASE + port] = 1
+        if self.buf[MASK_BASE + port] or self.buf[UPCALL_MASK]:
+            return False
+        if self.buf[UPCALL_PENDING]:
+            return False  # an upcall is already on its way: coalesce
+        self.buf[UPCALL_PENDING] = 1
+        return True
+
+    def reset_port(self, port: int) -> None:
+        """Clear a port's bits when it is (re)allocated."""
+        self.buf[PENDING_BASE + port] = 0
+        self.buf[MASK_BASE + port] = 0
+
+    # -- domain side ------------------------------------------------------
+    def take_pending(self, limit: int = NR_EVENT_CHANNELS) -> Iterator[int]:
+        """Clear the upcall flag, then yield and clear every pending, unmasked port.
+
+        The order matters: clearing the flag first means a send that lands while
+        we scan either shows up in this scan or raises a fresh upcall.
+        """
+        buf = self.buf
+        buf[UPCALL_PENDING] = 0
+        pending = bytes(buf[PENDING_BASE:PENDING_BASE + limit])
+        start = 0
+        while True:
+            port = pending.find(1, start)
+            if port < 0:
+                return
+            start = port + 1
+            if not buf[MASK_BASE + port]:
+                buf[PENDING_BASE + port] = 0
+                yield port
+
+    def is_pending(self, port: int) -> bool:
+        return bool(self.buf[PENDING_BASE + port])
+
+    def is_masked(self, port: int) -> bool:
+        return bool(self.buf[MASK_BASE + port])
+
+    def set_mask(self, port: int, masked: bool) -> None:
+        self.buf[MASK_BASE + port] = 1 if masked else 0
