@@ -37,10 +37,10 @@ import zmq
 
 from hypervisor import (conring, domain, domctl, event_channel, grant_table, memory,
                         sched, sysctl)
-from hypervisor.builder import Builder
+from hypervisor.builder import Builder, become_subreaper
 from hypervisor.domain import Domain, DomainTable
 from hypervisor.xsm import DummyPolicy
-from ipc import channel, fdpass
+from ipc import channel, fdpass, rundir
 from ipc.channel import BadMessage, HypercallError
 
 log = logging.getLogger("xen")
@@ -73,6 +73,7 @@ class Hypervisor:
         self.policy = DummyPolicy()
         self.running = True
         # The zygote must be forked before any ZeroMQ context exists.
+        become_subreaper()
         self.builder = Builder(run_dir, preload, self.endpoint)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -285,11 +286,7 @@ class Hypervisor:
         self.router.close()
         self.zap.close()
         self.ctx.term()
-        for path in ("hypercall.sock",):
-            try:
-                os.unlink(os.path.join(self.sock_dir, path))
-            except FileNotFoundError:
-                pass
+        rundir.sweep_sockets(self.run_dir)   # dom0 died by SIGKILL: its sockets are ours to remove
         self.conring.printk("hypervisor stopped")
         self.logfile.close()
 

@@ -41,12 +41,18 @@ from ipc import fdpass
 
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def set_death_signal(sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to kill us when our parent dies."""
     _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def become_subreaper() -> None:
+    """Orphaned domains are re-parented to us (not to init), so we can reap them."""
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def set_process_name(name: str) -> None:
@@ -97,12 +103,19 @@ class Builder:
         fdsock.setblocking(False)   # a domain that stops reading must not stall us
         return reply["pid"], pidfd, fdsock
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the zygote: it kills and reaps any child left, then exits."""
+        import time
+        self.sock.close()
+        deadline = time.monotonic() + timeout
         try:
-            self.sock.close()
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (OSError, ChildProcessError):
+            while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.005)
+        except ChildProcessError:
             pass
 
 
@@ -126,7 +139,8 @@ def _zygote_main(sock: socket.socket, run_dir: str, preload: list[str], endpoint
         except InterruptedError:
             continue
         if not data:
-            return   # the hypervisor closed the socket: we are done
+            _kill_children()   # the hypervisor is shutting down: leave nothing behind
+            return
         req = msgpack.unpackb(data)
         try:
             kernel_main = _find_kernel(req["kernel"])
@@ -204,6 +218,32 @@ def _child(req: dict[str, Any], fds: list[int], dom_end: socket.socket, run_dir:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _kill_children() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    out = []
+    for tid in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
 
 
 def _reap() -> None:

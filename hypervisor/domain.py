@@ -228,6 +228,10 @@ def domain_died(hv, dom: Domain) -> None:
     dom.extra_cpu_time = _proc_cpu_seconds(dom.pid) or dom.extra_cpu_time
     dom.process_gone = True
     hv.unwatch_process(dom)
+    try:   # orphaned domains (zygote gone) are our children: reap them
+        os.waitpid(dom.pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     dom.routing_id = None
     event_channel.domain_gone(hv, dom)
     grant_table.mapper_gone(hv, dom.domid)

@@ -18,7 +18,7 @@ from ipc.sched_abi import REASON_NAMES
 
 def _reason(args: dict) -> int:
     reason = args.get("reason")
-    if reason not in REASON_NAMES:
+    if not isinstance(reason, int) or isinstance(reason, bool) or reason not in REASON_NAMES:
         raise HypercallError(errno.EINVAL, f"shutdown reason {reason!r} is not one of {sorted(REASON_NAMES)}")
     return reason
 

@@ -1,0 +1,38 @@
+"""The guest kernel: what a PV Linux guest is to Xen, in one module.
+
+A guest boots with start_info naming its XenStore and console pages and their
+event channels.  It connects to XenStore over its ring, prints to its console,
+and starts its drivers: the control driver (shutdown/reboot), the balloon, the
+frontends of its devices, then the workload named on its command line
+(`extra = "workload=NAME"`).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from domains.kernel import balloon, control
+from domains.kernel.boot import Kernel, boot
+from domains.kernel.console import Console
+from domains.kernel.xenstore import open_ring_client
+
+
+async def main(k: Kernel) -> None:
+    page = k.memory.pages[k.start_info["store_gfn"]]
+    port = k.events.adopt(k.start_info["store_evtchn"])
+    console = Console(k)
+    await console.write(f"microxen guest kernel: {k.name} (domain {k.domid}) booting\n")
+    async with open_ring_client(page.map, port.notify, port.wait) as xs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(balloon.run, k, xs)
+            await console.write(f"{k.name}: xenstore connected; domain path "
+                                f"{await xs.get_domain_path(k.domid)}\n")
+            workload = k.cmdline.get("workload")
+            if workload:
+                from domains.domu import workloads
+                nursery.start_soon(workloads.run, workload, k, xs, console)
+            await control.run(k, xs)
+
+
+def kernel_main(start: dict, fds: dict) -> int:
+    return boot(start, fds, main)

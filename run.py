@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""microxen: the one entry point.
+
+    python run.py up [--run-dir DIR] [--config FILE ...] [--detach]
+    python run.py down [--run-dir DIR]
+    python run.py xl [--run-dir DIR] SUBCOMMAND ...
+    python run.py bench [SUITE ...] [--json FILE]
+    python run.py fault ... / campaign ...   (fault injection)
+
+The run directory holds everything a running system owns: sockets, logs,
+console logs, reports.  It is --run-dir, else $MICROXEN_RUN_DIR, else
+/tmp/microxen-<uid>.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from domains.dom0 import system
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        return system.up(rest)
+    if command == "down":
+        return system.down(rest)
+    if command == "xl":
+        from domains.dom0 import xl
+        return xl.main(rest)
+    if command == "bench":
+        import bench
+        return bench.main(rest)
+    if command in ("fault", "campaign"):
+        from domains.dom0 import faults
+        return faults.main(command, rest)
+    print(f"run.py: unknown command '{command}' (try: up, down, xl, bench, fault, campaign)",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
