@@ -5,7 +5,6 @@
     python run.py down [--run-dir DIR]
     python run.py xl [--run-dir DIR] SUBCOMMAND ...
     python run.py bench [SUITE ...] [--json FILE]
-    python run.py fault ... / campaign ...   (fault injection)
 
 The run directory holds everything a running system owns: sockets, logs,
 console logs, reports.  It is --run-dir, else $MICROXEN_RUN_DIR, else
@@ -14,12 +13,26 @@ console logs, reports.  It is --run-dir, else $MICROXEN_RUN_DIR, else
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
 import sys
 
-from domains.dom0 import system
+
+def ensure_dependencies() -> None:
+    """On a fresh machine, install our Python dependencies (once) before anything else."""
+    missing = [m for m in ("zmq", "msgpack", "trio") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"run.py: installing missing dependencies ({', '.join(missing)}) with pip...",
+              file=sys.stderr)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e",
+                               os.path.dirname(os.path.abspath(__file__))])
 
 
 def main(argv: list[str]) -> int:
+    ensure_dependencies()
+    from domains.dom0 import system
+
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__.strip())
         return 0 if argv else 2
@@ -34,10 +47,7 @@ def main(argv: list[str]) -> int:
     if command == "bench":
         import bench
         return bench.main(rest)
-    if command in ("fault", "campaign"):
-        from domains.dom0 import faults
-        return faults.main(command, rest)
-    print(f"run.py: unknown command '{command}' (try: up, down, xl, bench, fault, campaign)",
+    print(f"run.py: unknown command '{command}' (try: up, down, xl, bench)",
           file=sys.stderr)
     return 2
 
