@@ -15,7 +15,7 @@ import sys
 from hypervisor.broker import Hypervisor
 from hypervisor import domain
 
-PRELOAD = ["domains.kernel.boot", "domains.dom0.kernel",
+PRELOAD = ["domains.kernel.boot", "domains.dom0.kernel", "domains.driverdom.kernel",
            "domains.domu.kernel"]
 
 

@@ -157,8 +157,11 @@ class Hypervisor:
                 elif sock == self._sig_r.fileno():
                     self._signal()
                 else:
+                    # The event may be stale: an earlier event of this batch can have
+                    # closed that pidfd and a createdomain reused its number for a live
+                    # domain.  Only a pidfd readable now says its process is gone.
                     dom = self._pidfds.get(sock)
-                    if dom is not None:
+                    if dom is not None and _readable(sock):
                         domain.domain_died(self, dom)
         self.shutdown()
 
@@ -294,6 +297,11 @@ class Hypervisor:
 def _same(a: bytes, b: bytes) -> bool:
     import hmac
     return hmac.compare_digest(a, b)
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _held_frames(hv: Hypervisor, owner: int):

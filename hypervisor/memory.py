@@ -149,6 +149,7 @@ class HostMemory:
             else:
                 frame.close()
         mem.frames.clear()
+        mem.tot_pages = len(held)   # only pages still mapped elsewhere stay charged to the host
         return held
 
     def forget(self, domid: int) -> None:

@@ -40,7 +40,10 @@ class Dom0:
         self.xs = InProcessConnection(self.store, 0)
         self.rings = StoreRings(k, self.store)
         self.consoled = XenConsoled(k)
-        self.toolstack = Toolstack(k, self.xs, self.rings, self.consoled)
+        from domains.dom0.toolstack.devices import Devices
+        self.devices = Devices(self.xs, k.run_dir)
+        self.toolstack = Toolstack(k, self.xs, self.rings, self.consoled, self.devices)
+        self.devices.toolstack = self.toolstack
         self.dir = os.path.join(k.run_dir, "dom0")
         os.makedirs(self.dir, exist_ok=True)
         self.boot_errors: list[str] = []
@@ -56,6 +59,8 @@ class Dom0:
             await self.xs.write("/local/domain/0/domid", b"0")
             virq = await k.events.bind_virq(VIRQ_DOM_EXC)
             nursery.start_soon(self._dom_exc, virq)
+            from domains.dom0.watchdog import Watchdog
+            nursery.start_soon(Watchdog(self.toolstack, self.xs).run)
             api = ManagementAPI(self, os.path.join(self.dir, "toolstack.sock"))
             await nursery.start(api.serve)
             for item in k.start_info.get("domains", []):
@@ -140,6 +145,27 @@ class Dom0:
 
     async def api_rename(self, dom, name: str) -> None:
         await self.toolstack.rename(dom, name)
+
+    # -- block devices (xl block-list / block-attach / block-detach) -------------------
+    async def api_block_list(self, dom) -> list[dict]:
+        info = await self.toolstack.find(dom)
+        return await self.devices.list(info["domid"])
+
+    async def api_block_attach(self, dom, spec: str) -> dict:
+        info = await self.toolstack.find(dom)
+        vbd = await self.devices.attach(info["domid"], spec)
+        record = self.toolstack.records.get(info["domid"])
+        if record is not None and hasattr(record.config, "disk"):
+            record.config.disk.append(vbd.spec)     # a restarted domain keeps it
+        return {"vdev": vbd.devid, "backend": vbd.backend}
+
+    async def api_block_detach(self, dom, vdev: str) -> None:
+        info = await self.toolstack.find(dom)
+        await self.devices.detach(info["domid"], vdev)
+        record = self.toolstack.records.get(info["domid"])
+        if record is not None and hasattr(record.config, "disk"):
+            record.config.disk = [d for d in record.config.disk
+                                  if getattr(d, "devid", None) != self.devices.last_detached]
 
     async def api_xs_read(self, path: str) -> str:
         return (await self._xs(self.xs.read, path)).decode(errors="replace")

@@ -26,7 +26,7 @@ from domains.dom0.client import APIError, Client, NotRunning, resolve_run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-DEFAULT_SYSTEM = ["guest1.cfg", "guest2.cfg"]
+DEFAULT_SYSTEM = ["blkdom.cfg", "guest1.cfg", "guest2.cfg"]   # blkdom first: the guests' disks name it
 BOOT_TIMEOUT = 60.0
 
 

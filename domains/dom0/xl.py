@@ -39,6 +39,9 @@ USAGE = """usage: run.py xl [--run-dir DIR] <subcommand> [args]
  top [-b] [-i N] [-d S]    xentop: domains' resource use, refreshing
  xenstore-ls [PATH]        xenstore-read PATH...  xenstore-write PATH VALUE...
  xenstore-rm PATH...
+ block-list DOMAIN         list a domain's virtual block devices
+ block-attach DOMAIN DISKSPEC   add a disk (xl-disk-configuration syntax)
+ block-detach DOMAIN VDEV  remove a disk
 """
 
 
@@ -393,6 +396,28 @@ def console(c: Client, dom: str) -> int:
             termios.tcsetattr(fd, termios.TCSADRAIN, old)
 
 
+def cmd_block_list(c: Client, args: list[str]) -> int:
+    _need(args, 1, "block-list DOMAIN")
+    print(f"{'Vdev':<6}{'BE':>4}  {'handle':>6} {'state':>5} {'evt-ch':>6} {'ring-ref':>8} BE-path")
+    for d in c.call("block_list", dom=args[0]):
+        print(f"{d['vdev']:<6}{d['backend']:>4}  {d['vdev']:>6} {d['state']:>5} {d['evtch']:>6} "
+              f"{d['ring_ref']:>8} {d['be_path']}")
+    return 0
+
+
+def cmd_block_attach(c: Client, args: list[str]) -> int:
+    if len(args) < 2:
+        raise UsageError("usage: xl block-attach DOMAIN DISKSPEC")
+    c.call("block_attach", dom=args[0], spec=",".join(args[1:]))
+    return 0
+
+
+def cmd_block_detach(c: Client, args: list[str]) -> int:
+    _need(args, 2, "block-detach DOMAIN VDEV")
+    c.call("block_detach", dom=args[0], vdev=args[1])
+    return 0
+
+
 COMMANDS = {
     "list": cmd_list, "create": cmd_create,
     "destroy": cmd_simple("destroy", "destroy DOMAIN"),
@@ -407,6 +432,8 @@ COMMANDS = {
     "top": cmd_top, "console": cmd_console,
     "xenstore-ls": cmd_xs_ls, "xenstore-read": cmd_xs_read,
     "xenstore-write": cmd_xs_write, "xenstore-rm": cmd_xs_rm,
+    "block-list": cmd_block_list, "block-attach": cmd_block_attach,
+    "block-detach": cmd_block_detach,
 }
 
 

@@ -6,6 +6,8 @@ A workload keeps its counters in XenStore under
 
 - heartbeat: count seconds alive; proves the guest is scheduled and its
   XenStore ring works.
+- disk: write, read back and verify the first virtual disk through blkfront,
+  checking every acknowledged write (disk_workload.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ async def heartbeat(k, xs, console) -> None:
         await trio.sleep(1)
 
 
-WORKLOADS = {"heartbeat": heartbeat}
+async def disk(k, xs, console) -> None:
+    """Write, read back and verify the guest's first disk (see disk_workload.py)."""
+    from domains.domu import disk_workload
+    await disk_workload.run(k, xs, console)
+
+
+WORKLOADS = {"heartbeat": heartbeat, "disk": disk}
 
 
 async def run(name: str, k, xs, console) -> None:

@@ -1,0 +1,189 @@
+"""The block suite: blkfront -> blkback -> raw image, and recovery from a blkdom crash.
+
+What this measures
+------------------
+A real microxen system (``run.py up`` in a scratch run directory): a ``blkdom``
+driver domain serving raw images to guests running ``bench.kernels.blk``.
+Inside each guest, through blkfront's API:
+
+* ``block.randread_4k_qd1`` / ``_qd32``, ``block.randwrite_4k_qd1`` / ``_qd32``
+  (IOPS): 4 KiB requests at random aligned offsets in a 16 MiB region;
+* ``block.seqwrite_1m`` / ``block.seqread_1m`` (MB/s): 1 MiB requests over the
+  region (the write ends with a flush);
+
+once with persistent grants (the default) and once with per-request grant
+maps (``*_pergrant`` figures), so the two strategies are compared on the same
+machine in the same run.  Each is compared (ratio = slowdown factor) with the
+same operation done by ``pread``/``pwrite`` on *the same image file* from one
+process (threads for queue depth 32), measured right after in this process:
+the floor blkback could reach if the ring, the grants and the three processes
+cost nothing.
+
+* ``block.recovery_p50`` / ``_p99`` (ms): two guests run the verifying
+  ``disk`` workload; blkdom is SIGKILLed; the time from the kill to the first
+  I/O completed after the reconnect, in each guest (each guest of each round
+  is one sample).  ``block.recovery_all_p50`` is the same per round for the
+  *slower* of the two guests: the time until every guest is moving again.
+
+Differences from how Xen is measured: fio on bare metal, with O_DIRECT.  Here
+the page cache is warm and every domain is a Python process on two shared
+cores, so only the ratios mean much.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+from bench.harness import Figure, compare, latency_figures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _system(configs: dict[str, str]):
+    import sys
+    sys.path.insert(0, ROOT)
+    from tests.blocksys import System
+    return System(configs, watchdog_timeout=3.0)
+
+
+def _bench_guest(name: str, persistent: bool) -> str:
+    return (f'name = "{name}"\nkernel = "bench.kernels.blk"\nmemory = 64\n'
+            f'extra = "persistent={1 if persistent else 0}"\n'
+            f'disk = ["format=raw, vdev=xvda, access=rw, backend=blkdom, '
+            f'target=disks/{name}.img?size=32M"]\n')
+
+
+def _through_blkfront(ctx, secs: float) -> tuple[dict[str, dict], str]:
+    from tests.blocksys import BLKDOM
+    s = _system({"blkdom": BLKDOM, "bpers": _bench_guest("bpers", True),
+                 "bgrant": _bench_guest("bgrant", False)})
+    results: dict[str, dict] = {}
+    try:
+        s.up()
+        for name in ("bpers", "bgrant"):     # one at a time, so they do not compete
+            domid = s.list()[name]["domid"]
+            base = f"/local/domain/{domid}/data/bench"
+            s.wait_for(lambda: s.read(f"{base}/ready") == "1", timeout=60, what=f"{name} ready")
+            ctx.log(f"block: {name} measuring ...")
+            s.xl("xenstore-write", f"{base}/go", json.dumps({"secs": secs, "region_mb": 16}))
+            raw = s.wait_for(lambda: s.read(f"{base}/result"), timeout=60 + 10 * secs,
+                             what=f"{name}'s results")
+            results[name] = json.loads(raw)
+        image = os.path.join(s.run_dir, "disks", "bpers.img")
+        s.down()
+        return results, image
+    except BaseException:
+        s.down(check=False)
+        s.cleanup()
+        raise
+
+
+def _raw_file(path: str, secs: float) -> dict[str, float]:
+    """pread/pwrite on the same image, one process (threads for depth 32)."""
+    fd = os.open(path, os.O_RDWR)
+    region = 16 << 20
+    nblocks = region // 4096
+    out: dict[str, float] = {}
+    try:
+        chunk = bytes(1 << 20)
+        t = time.monotonic()
+        for off in range(0, region, 1 << 20):
+            os.pwrite(fd, chunk, off)
+        os.fdatasync(fd)
+        out["seqwrite_1m"] = 16 / (time.monotonic() - t)
+        t = time.monotonic()
+        for off in range(0, region, 1 << 20):
+            os.pread(fd, 1 << 20, off)
+        out["seqread_1m"] = 16 / (time.monotonic() - t)
+        import random
+        page = bytes(range(256)) * 16
+        for depth in (1, 32):
+            for write in (False, True):
+                count = [0] * depth
+                deadline = time.monotonic() + secs
+
+                def worker(i: int) -> None:
+                    rng = random.Random(i)
+                    while time.monotonic() < deadline:
+                        off = rng.randrange(nblocks) * 4096
+                        if write:
+                            os.pwrite(fd, page, off)
+                        else:
+                            os.pread(fd, 4096, off)
+                        count[i] += 1
+                start = time.monotonic()
+                threads = [threading.Thread(target=worker, args=(i,)) for i in range(depth)]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                out[f"rand{'write' if write else 'read'}_4k_qd{depth}"] = \
+                    sum(count) / (time.monotonic() - start)
+    finally:
+        os.close(fd)
+    return out
+
+
+def _recovery(ctx, rounds: int) -> tuple[list[float], list[float]]:
+    from tests.blocksys import BLKDOM, guest
+    s = _system({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2")})
+    per_guest: list[float] = []
+    all_guests: list[float] = []
+    stopped = False
+    try:
+        s.up()
+        for r in range(rounds):
+            for g in ("guest1", "guest2"):
+                s.wait_for(lambda: s.counters(g).get("reconnects", 0) >= r
+                           and s.counters(g).get("ops", 0) > 200, timeout=60, what=f"{g} busy")
+            t0 = time.time()
+            s.kill("blkdom", signal.SIGKILL)
+            times = []
+            for g in ("guest1", "guest2"):
+                rec = s.wait_for(lambda: (s.counters(g).get("recovered_at", 0) > t0
+                                          and s.counters(g)["recovered_at"]), timeout=60,
+                                 what=f"{g} to recover")
+                times.append((rec - t0) * 1e9)
+            per_guest += times
+            all_guests.append(max(times))
+            ctx.log(f"block: recovery round {r + 1}: {[round(x / 1e6) for x in times]} ms")
+            for g in ("guest1", "guest2"):
+                c = s.counters(g)
+                if c.get("errors") or c.get("verify_failures"):
+                    ctx.error("block.recovery", f"{g}: {c}")
+        s.down()
+        stopped = True
+    finally:
+        if not stopped:
+            s.down(check=False)
+        s.cleanup()
+    return per_guest, all_guests
+
+
+def run(ctx) -> list[Figure]:
+    secs = max(0.5, 2.0 * ctx.scale)
+    figures: list[Figure] = []
+    results, image = _through_blkfront(ctx, secs)
+    try:
+        raw = _raw_file(image, secs)
+    finally:
+        import shutil
+        shutil.rmtree(os.path.dirname(os.path.dirname(image)), ignore_errors=True)
+    for key, value in raw.items():
+        unit = "MB/s" if key.startswith("seq") else "iops"
+        base = Figure(f"block.raw_{key}", value, unit, better="higher",
+                      detail={"what": "pread/pwrite on the same image file, one process"})
+        figures.append(base)
+        for guest, suffix in (("bpers", ""), ("bgrant", "_pergrant")):
+            figures.append(compare(f"block.{key}{suffix}", results[guest][key], unit, base, True,
+                                   detail={"grants": "persistent" if suffix == "" else "per-request"}))
+    per_guest, all_guests = _recovery(ctx, max(3, int(5 * ctx.scale)))
+    figures += latency_figures("block.recovery", per_guest, unit="ms",
+                               detail={"what": "SIGKILL of blkdom to first completed I/O, per guest"})
+    figures += latency_figures("block.recovery_all", all_guests, unit="ms",
+                               detail={"what": "SIGKILL of blkdom to I/O completed in both guests"})
+    return figures

@@ -1,0 +1,97 @@
+"""The block bench guest kernel: fio-like loops through blkfront, on command.
+
+A guest booted with this kernel opens its first vbd (``persistent=0|1`` on its
+command line picks the grant mode), then waits for dom0 to write ``go`` to
+``data/bench/go``.  It runs, for ``secs`` seconds each: 4 KiB random reads and
+writes at queue depth 1 and 32 (4 KiB-aligned offsets in the first
+``region_mb`` MiB), then 1 MiB sequential writes (ending with a flush) and
+reads of that region, and writes the results as JSON to
+``data/bench/result``.  Timing is done inside the guest, around blkfront's own
+API: what a guest program sees.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import trio
+
+from domains.domu.blkfront import open_vbd
+from domains.kernel.boot import Kernel, boot
+from domains.kernel.xenstore import open_ring_client
+from domains.kernel.xenbus import wait_until
+
+BLOCK = 4096
+
+
+async def _rand(dev, write: bool, depth: int, secs: float, nblocks: int) -> float:
+    count = 0
+    data = bytes(range(256)) * 16
+    deadline = time.monotonic() + secs
+
+    async def worker(seed: int) -> None:
+        nonlocal count
+        rng = random.Random(seed)
+        while time.monotonic() < deadline:
+            sector = rng.randrange(nblocks) * 8
+            if write:
+                await dev.write(sector, data)
+            else:
+                await dev.read(sector, 8)
+            count += 1
+    start = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for i in range(depth):
+            nursery.start_soon(worker, i)
+    return count / (time.monotonic() - start)
+
+
+async def _seq(dev, write: bool, region: int) -> float:
+    chunk = 1 << 20
+    data = bytes(chunk)
+    start = time.monotonic()
+    for off in range(0, region, chunk):
+        if write:
+            await dev.write(off // 512, data)
+        else:
+            await dev.read(off // 512, chunk // 512)
+    if write:
+        await dev.flush()
+    return region / (1 << 20) / (time.monotonic() - start)
+
+
+async def main(k: Kernel) -> None:
+    page = k.memory.pages[k.start_info["store_gfn"]]
+    port = k.events.adopt(k.start_info["store_evtchn"])
+    args = k.cmdline
+    persistent = args.get("persistent", "1") == "1"
+    async with open_ring_client(page.map, port.notify, port.wait) as xs:
+        base = f"/local/domain/{k.domid}/data/bench"
+        async with trio.open_nursery() as nursery:
+            dev = await open_vbd(k, xs, nursery, persistent=persistent)
+            await xs.write(f"{base}/ready", b"1")
+
+            async def go():
+                try:
+                    return json.loads((await xs.read(f"{base}/go")).decode() or "null")
+                except (OSError, ValueError):
+                    return None
+            params = await wait_until(xs, [f"{base}/go"], go)
+            secs = float(params.get("secs", 2.0))
+            region = int(params.get("region_mb", 16)) << 20
+            nblocks = region // BLOCK
+            result = {"persistent": persistent}
+            result["seqwrite_1m"] = await _seq(dev, True, region)   # also fills the region
+            result["seqread_1m"] = await _seq(dev, False, region)
+            for depth in (1, 32):
+                result[f"randread_4k_qd{depth}"] = await _rand(dev, False, depth, secs, nblocks)
+                result[f"randwrite_4k_qd{depth}"] = await _rand(dev, True, depth, secs, nblocks)
+            await xs.write(f"{base}/result", json.dumps(result).encode())
+            nursery.cancel_scope.cancel()
+        await trio.sleep_forever()
+
+
+def kernel_main(start: dict, fds: dict) -> int:
+    return boot(start, fds, main)

@@ -1,0 +1,289 @@
+"""The toolstack's side of split devices: writing the XenStore directories.
+
+In Xen
+    libxl never talks to a frontend or a backend.  To give a guest a disk it
+    writes two XenStore directories in one transaction (libxl_device.c,
+    libxl_disk.c) and lets the drivers meet there:
+
+        /local/domain/<be>/backend/vbd/<fe>/<devid>   perms n<be> r<fe>
+            frontend, frontend-id, params, mode, type, device-type, dev,
+            removable, bootable, online, discard-enable, state = 1
+        /local/domain/<fe>/device/vbd/<devid>          perms n<fe> r<be>
+            backend, backend-id, virtual-device, device-type, state = 1
+
+    Each side owns its own directory and may only read the other's.
+    ``backend=NAME`` in a disk spec names a driver domain; libxl resolves it
+    to a domid when the guest is created.  On destroy both directories go.
+
+Here
+    The same paths, keys and permissions.  :class:`Devices` is the hook the
+    Toolstack calls (``build`` during create, ``destroy`` during teardown) and
+    what ``xl block-list / block-attach / block-detach`` use.  It remembers
+    every VBD it made, so that when a driver domain is re-created (crash,
+    hang, or ``on_crash = "restart"``) it can *rebind*: write each VBD's
+    backend directory again under the new driver domain's id and point the
+    frontend's ``backend``/``backend-id`` at it (re-permissioning the
+    frontend's nodes so the new backend may read them).  The frontend notices
+    and reconnects.
+
+    Disk images: ``target`` is the image file.  An absolute path is used as
+    it is; a relative one is relative to the run directory.  If the file does
+    not exist, the toolstack creates it, sparse, when the target ends with
+    ``?size=N[K|M|G]`` (for example ``target=disks/guest1.img?size=64M``);
+    without a size a missing image is an error.  An existing image is used as
+    it is and the size suffix is ignored.  Only the driver domain ever opens
+    the image.
+
+Invariant
+    A VBD is either fully written (both directories) or not at all; a refused
+    disk spec changes nothing in XenStore.
+
+Where this differs from Xen
+    No hotplug scripts: the "physical device" is a file the backend opens by
+    itself.  A disk with no ``backend=`` would be served by dom0 in Xen; dom0
+    runs no blkback here, so such a disk is refused with a message that says
+    to name a driver domain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from domains.dom0.toolstack.disk_spec import DiskSpec, DiskSpecError, devid_to_vdev, parse_disk_spec
+
+if TYPE_CHECKING:
+    from domains.dom0.toolstack.libxl import Toolstack
+
+log = logging.getLogger("devices")
+
+_SIZE = re.compile(r"^(.*)\?size=([0-9]+)([kKmMgG]?)$")
+_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}   # bare number: MiB
+
+
+def _error(msg: str) -> Exception:
+    from domains.dom0.toolstack.libxl import ToolstackError
+    return ToolstackError(msg)
+
+
+@dataclass
+class Vbd:
+    """One virtual block device the toolstack made."""
+    frontend: int
+    devid: int
+    spec: DiskSpec
+    backend_name: str
+    backend: int | None            # current backend domid; None while it is down
+    params: str                    # absolute image path
+
+    @property
+    def be_path(self) -> str:
+        return f"/local/domain/{self.backend}/backend/vbd/{self.frontend}/{self.devid}"
+
+    @property
+    def fe_path(self) -> str:
+        return f"/local/domain/{self.frontend}/device/vbd/{self.devid}"
+
+
+def split_target(target: str) -> tuple[str, int | None]:
+    """``path?size=64M`` -> (path, bytes); a plain path -> (path, None)."""
+    m = _SIZE.match(target)
+    if not m:
+        return target, None
+    path, num, unit = m.groups()
+    return path, int(num) * _UNITS[unit.lower()]
+
+
+def prepare_image(target: str, run_dir: str) -> str:
+    """Resolve a disk target to an absolute image path, creating it if asked."""
+    path, size = split_target(target)
+    if not path:
+        raise _error(f"disk target '{target}' names no file")
+    full = path if os.path.isabs(path) else os.path.join(run_dir, path)
+    full = os.path.normpath(full)
+    if os.path.exists(full):
+        if not os.path.isfile(full):
+            raise _error(f"disk target '{full}' is not a regular file (only raw image files "
+                         f"can be served here)")
+        return full
+    if size is None:
+        raise _error(f"disk image '{full}' does not exist; add '?size=64M' to the target to "
+                     f"have the toolstack create it")
+    if size <= 0 or size % 512:
+        raise _error(f"disk size in '{target}' must be a positive multiple of 512 bytes")
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "xb") as f:
+        f.truncate(size)                    # sparse: no blocks until written
+    log.info("created sparse disk image %s (%d bytes)", full, size)
+    return full
+
+
+class Devices:
+    """Block devices of every domain, as XenStore directories."""
+
+    def __init__(self, xs, run_dir: str) -> None:
+        self.xs = xs
+        self.run_dir = run_dir
+        self.toolstack: "Toolstack | None" = None
+        self.vbds: dict[tuple[int, int], Vbd] = {}
+        self.driver_domains_seen: set[str] = set()
+        self.last_detached: int | None = None
+
+    # -- the Toolstack hooks ------------------------------------------------------
+    async def build(self, domid: int, cfg) -> None:
+        for spec in getattr(cfg, "disk", None) or []:
+            if isinstance(spec, str):
+                spec = self._parse(spec)
+            await self.attach(domid, spec)
+        if getattr(cfg, "driver_domain", False):
+            if cfg.name in self.driver_domains_seen:
+                from domains.dom0.watchdog import bump
+                await bump(self.xs, cfg.name, "restarts")
+            self.driver_domains_seen.add(cfg.name)
+            await self.rebind(cfg.name, domid)
+
+    async def destroy(self, domid: int) -> None:
+        """Remove the domain's own disks; orphan those it served (kept for rebind)."""
+        for key, vbd in list(self.vbds.items()):
+            if vbd.frontend == domid:
+                await self._remove(vbd)
+                del self.vbds[key]
+            elif vbd.backend == domid:
+                # Its directory goes with the driver domain's home; the frontend
+                # sees the backend vanish and waits for the rebind.
+                vbd.backend = None
+
+    # -- attach / detach ------------------------------------------------------------
+    def _parse(self, text: str) -> DiskSpec:
+        try:
+            return parse_disk_spec(text)
+        except DiskSpecError as exc:
+            raise _error(f"disk spec '{text}': {exc}") from None
+
+    async def _backend_domid(self, name: str) -> int:
+        assert self.toolstack is not None
+        for info in await self.toolstack.list():
+            if "d" in info["state"]:
+                continue
+            if info["name"] == name or str(info["domid"]) == name:
+                return info["domid"]
+        raise _error(f"backend domain '{name}' does not exist (start the driver domain first)")
+
+    async def attach(self, domid: int, spec: DiskSpec | str) -> Vbd:
+        if isinstance(spec, str):
+            spec = self._parse(spec)
+        if spec.format != "raw":
+            raise _error(f"disk {spec.vdev}: format '{spec.format}' is not served here (raw only)")
+        if spec.target is None:
+            raise _error(f"disk {spec.vdev}: an empty drive has nothing to serve")
+        if not spec.backend:
+            raise _error(f"disk {spec.vdev}: no backend= given; dom0 runs no blkback here, "
+                         f"so name a driver domain, e.g. backend=blkdom")
+        if (domid, spec.devid) in self.vbds:
+            raise _error(f"domain {domid} already has a disk {spec.vdev} ({spec.devid})")
+        backend = await self._backend_domid(spec.backend)
+        if backend == domid:
+            raise _error(f"disk {spec.vdev}: a domain cannot be its own backend")
+        params = prepare_image(spec.target, self.run_dir)
+        vbd = Vbd(domid, spec.devid, spec, spec.backend, backend, params)
+        await self._write(vbd, fresh=True)
+        self.vbds[(domid, spec.devid)] = vbd
+        return vbd
+
+    async def detach(self, domid: int, vdev: str) -> None:
+        vbd = self._find(domid, vdev)
+        await self._remove(vbd)
+        del self.vbds[(vbd.frontend, vbd.devid)]
+        self.last_detached = vbd.devid
+
+    def _find(self, domid: int, vdev: str) -> Vbd:
+        from domains.dom0.toolstack.disk_spec import vdev_to_devid
+        try:
+            devid = vdev_to_devid(vdev)
+        except DiskSpecError as exc:
+            raise _error(str(exc)) from None
+        vbd = self.vbds.get((domid, devid))
+        if vbd is None:
+            raise _error(f"domain {domid} has no disk {vdev}")
+        return vbd
+
+    async def rebind(self, backend_name: str, new_domid: int) -> int:
+        """Point every VBD served by ``backend_name`` at its new domid."""
+        n = 0
+        for vbd in self.vbds.values():
+            if vbd.backend_name == backend_name and vbd.backend != new_domid:
+                vbd.backend = new_domid
+                await self._write(vbd, fresh=False)
+                n += 1
+        if n:
+            log.info("rebound %d disk(s) to %s (d%d)", n, backend_name, new_domid)
+        return n
+
+    # -- XenStore ----------------------------------------------------------------------
+    async def _write(self, vbd: Vbd, fresh: bool) -> None:
+        spec, be, fe = vbd.spec, vbd.be_path, vbd.fe_path
+
+        async def body(t) -> None:
+            await t.mkdir(be)
+            await t.set_perms(be, [f"n{vbd.backend}", f"r{vbd.frontend}"])
+            for key, value in (("frontend", fe), ("frontend-id", vbd.frontend),
+                               ("params", vbd.params), ("mode", "r" if spec.readonly else "w"),
+                               ("type", "phy"), ("device-type", spec.devtype),
+                               ("dev", spec.vdev), ("removable", 0), ("bootable", 1),
+                               ("online", 1), ("discard-enable", int(spec.discard)),
+                               ("state", 1)):
+                await t.write(f"{be}/{key}", str(value))
+            fe_perms = [f"n{vbd.frontend}", f"r{vbd.backend}"]
+            if fresh:
+                await t.mkdir(fe)
+                await t.set_perms(fe, fe_perms)
+                for key, value in (("virtual-device", vbd.devid), ("device-type", spec.devtype),
+                                   ("state", 1)):
+                    await t.write(f"{fe}/{key}", str(value))
+            else:
+                # The frontend's nodes were readable by the old backend only.
+                await t.set_perms(fe, fe_perms)
+                for child in await t.directory(fe):
+                    await t.set_perms(f"{fe}/{child}", fe_perms)
+            await t.write(f"{fe}/backend-id", str(vbd.backend))
+            await t.write(f"{fe}/backend", be)
+            await t.set_perms(f"{fe}/backend-id", fe_perms)
+            await t.set_perms(f"{fe}/backend", fe_perms)
+        await self.xs.run_transaction(body)
+
+    async def _remove(self, vbd: Vbd) -> None:
+        async def body(t) -> None:
+            paths = [vbd.fe_path] + ([vbd.be_path] if vbd.backend is not None else [])
+            for path in paths:
+                try:
+                    await t.rm(path)
+                except OSError as exc:
+                    if getattr(exc, "name", "") != "ENOENT":
+                        raise
+        await self.xs.run_transaction(body)
+
+    # -- xl block-list -----------------------------------------------------------------
+    async def list(self, domid: int) -> list[dict[str, Any]]:
+        out = []
+        for vbd in sorted((v for v in self.vbds.values() if v.frontend == domid),
+                          key=lambda v: v.devid):
+            fe = vbd.fe_path
+
+            async def rd(path: str) -> str:
+                try:
+                    return (await self.xs.read(path)).decode(errors="replace")
+                except OSError:
+                    return "-1"
+            be_state = await rd(f"{vbd.be_path}/state") if vbd.backend is not None else "-1"
+            out.append({"vdev": vbd.devid, "name": devid_to_vdev(vbd.devid),
+                        "backend": vbd.backend if vbd.backend is not None else -1,
+                        "backend_name": vbd.backend_name,
+                        "state": await rd(f"{fe}/state"), "backend_state": be_state,
+                        "evtch": await rd(f"{fe}/event-channel"),
+                        "ring_ref": await rd(f"{fe}/ring-ref"),
+                        "be_path": vbd.be_path if vbd.backend is not None else "-",
+                        "params": vbd.params})
+        return out

@@ -1,0 +1,196 @@
+"""The ``disk`` guest workload: write, read back, and check every acknowledged write.
+
+What it is for
+    Fault injection is only worth something with a checker (Jepsen's lesson):
+    this workload keeps, for every 4 KiB block it has written, the version of
+    the block's last *acknowledged* write, and checks every read against it.
+    Each block's content is a pure function of (domain, block, version), with
+    the block number and version in a header, so a read that returns stale,
+    misplaced or torn data is caught and named.
+
+What it does
+    ``workers`` tasks (default 8, so 8 requests in flight) each own the blocks
+    b with ``b % workers == i`` (no two in-flight writes overlap, so the
+    expected content of every block is always known).  Each step writes the
+    next version of a random block or reads one back and verifies it; every
+    ``flush_every`` writes one worker issues a flush.  After every reconnect
+    of the frontend (its backend was restarted) one sweep re-reads and checks
+    *every* block written so far.  Counters go to
+    ``/local/domain/<id>/data/workload/``: ops, errors, verify_failures,
+    reconnects, replayed, sweeps, blocks_written, and ``recovered_at`` (wall
+    clock of the first completed I/O after the latest reconnect, for the
+    recovery-time benchmark).
+
+Command line (``extra``): ``workload=disk disk_blocks=N disk_workers=N``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import time
+
+import trio
+
+from domains.domu.blkfront import BlockIOError, open_vbd
+
+BLOCK = 4096
+SECTORS_PER_BLOCK = BLOCK // 512
+_HEADER = struct.Struct("<8sIIQ")      # magic, domid, block, version
+MAGIC = b"mxdisk01"
+
+
+def block_content(domid: int, block: int, version: int) -> bytes:
+    head = _HEADER.pack(MAGIC, domid, block, version)
+    seed = hashlib.blake2b(head, digest_size=64).digest()
+    body = (seed * (BLOCK // len(seed) + 1))[:BLOCK - len(head)]
+    return head + body
+
+
+def describe(data: bytes) -> str:
+    if data == bytes(len(data)):
+        return "zeros"
+    try:
+        magic, domid, block, version = _HEADER.unpack_from(data)
+    except struct.error:
+        return "short read"
+    if magic != MAGIC:
+        return "garbage"
+    return f"block {block} version {version} of d{domid}"
+
+
+class DiskChecker:
+    """The model: last acknowledged version of every block written."""
+
+    def __init__(self, domid: int) -> None:
+        self.domid = domid
+        self.acked: dict[int, int] = {}
+        self.writing: set[int] = set()      # blocks with a write in flight
+        self.failures: list[str] = []
+
+    def expected(self, block: int) -> bytes | None:
+        v = self.acked.get(block)
+        return None if v is None else block_content(self.domid, block, v)
+
+    def check(self, block: int, data: bytes) -> bool:
+        want = self.expected(block)
+        if want is None or data == want:
+            return True
+        if block in self.writing and data == block_content(self.domid, block, self.acked[block] + 1):
+            return True      # the in-flight write landed before our read: fine
+        self.failures.append(f"block {block}: expected version {self.acked[block]}, "
+                             f"read {describe(data)}")
+        return False
+
+
+async def run(k, xs, console) -> None:
+    args = k.cmdline
+    nblocks = int(args.get("disk_blocks", 1024))
+    nworkers = max(1, int(args.get("disk_workers", 8)))
+    flush_every = int(args.get("disk_flush_every", 64))
+    base = f"/local/domain/{k.domid}/data/workload"
+    counters = {"ops": 0, "errors": 0, "verify_failures": 0, "reconnects": 0, "replayed": 0,
+                "sweeps": 0, "blocks_written": 0}
+    checker = DiskChecker(k.domid)
+    async with trio.open_nursery() as nursery:
+        dev = await open_vbd(k, xs, nursery)
+        nblocks = min(nblocks, dev.sectors // SECTORS_PER_BLOCK)
+        await console.write(f"{k.name}: disk workload on {dev.dev.nodename}: {dev.sectors} sectors, "
+                            f"{nblocks} blocks, {nworkers} workers\n")
+        seen_reconnects = 0
+        want_sweep, sweep_requests = trio.open_memory_channel(1)
+        writes = 0
+
+        async def completed() -> None:
+            nonlocal seen_reconnects
+            counters["ops"] += 1
+            r = dev.stats["reconnects"]
+            if r > seen_reconnects:
+                seen_reconnects = r
+                await xs.write(f"{base}/recovered_at", repr(time.time()).encode())
+                try:
+                    want_sweep.send_nowait(r)
+                except trio.WouldBlock:
+                    pass        # a sweep is already due
+
+        async def worker(i: int) -> None:
+            nonlocal writes
+            rng = random.Random(k.domid * 1000 + i)
+            mine = list(range(i, nblocks, nworkers))
+            if not mine:
+                return
+            while True:
+                block = rng.choice(mine)
+                try:
+                    if block not in checker.acked or rng.random() < 0.5:
+                        version = checker.acked.get(block, 0) + 1
+                        checker.writing.add(block)
+                        try:
+                            await dev.write(block * SECTORS_PER_BLOCK,
+                                            block_content(k.domid, block, version))
+                            checker.acked[block] = version
+                        finally:
+                            checker.writing.discard(block)
+                        writes += 1
+                        if writes % flush_every == 0:
+                            await dev.flush()
+                    else:
+                        data = await dev.read(block * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK)
+                        if not checker.check(block, data):
+                            counters["verify_failures"] += 1
+                            await console.write(f"VERIFY FAILURE {checker.failures[-1]}\n")
+                except BlockIOError as exc:
+                    counters["errors"] += 1
+                    await console.write(f"disk error: {exc}\n")
+                    await trio.sleep(0.1)
+                await completed()
+
+        async def sweeper() -> None:
+            async for _ in sweep_requests:
+                await sweep()
+
+        async def sweep() -> None:
+            for block in sorted(checker.acked):
+                version = checker.acked[block]
+                try:
+                    data = await dev.read(block * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK)
+                except BlockIOError:
+                    counters["errors"] += 1
+                    continue
+                # A worker may have written a newer version while we read: the
+                # data must then be the version we asked about or a newer one.
+                ok = data == block_content(k.domid, block, version) or checker.check(block, data)
+                if not ok:
+                    counters["verify_failures"] += 1
+                    await console.write(f"VERIFY FAILURE (sweep) {checker.failures[-1]}\n")
+            counters["sweeps"] += 1
+
+        async def publisher() -> None:
+            while True:
+                counters["reconnects"] = dev.stats["reconnects"]
+                counters["replayed"] = dev.stats["replayed"]
+                counters["blocks_written"] = len(checker.acked)
+                for key, value in counters.items():
+                    await xs.write(f"{base}/{key}", str(value).encode())
+                await trio.sleep(0.5)
+
+        async def sweep_on_request() -> None:
+            # `xl xenstore-write /local/domain/<id>/data/workload/sweep 1` asks for a full check.
+            node = f"{base}/sweep"
+            await xs.write(node, b"")
+            async with await xs.watch(node) as w:
+                async for _ in w:
+                    try:
+                        if (await xs.read(node)).strip() not in (b"", b"0"):
+                            await sweep()
+                            await xs.write(node, b"")
+                            await xs.write(f"{base}/sweeps", str(counters["sweeps"]).encode())
+                    except OSError:
+                        pass
+
+        nursery.start_soon(publisher)
+        nursery.start_soon(sweep_on_request)
+        nursery.start_soon(sweeper)
+        for i in range(nworkers):
+            nursery.start_soon(worker, i)

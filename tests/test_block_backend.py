@@ -1,0 +1,195 @@
+"""Unit tests of blkback's request handling, with a fake grant table.
+
+The backend is given hostile ring entries (bad grant references, sectors off
+the end of the disk, segments outside their page, unknown operations, too many
+segments, a producer index past the ring) and must answer BLKIF_RSP_ERROR /
+EOPNOTSUPP for that id, or disconnect the device, and never raise anything
+else.  Flushes must reach fdatasync before they are answered.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+import trio
+
+from domains.driverdom import blkback
+from domains.driverdom.blkback import BlkBack, Connection, Disconnect
+from domains.kernel.grant_table import GrantError, Mapping
+from ipc import blkif
+from ipc.grant_abi import GNTST_bad_gntref
+from ipc.ring import FrontRing
+
+FE = 7
+SECTORS = 64
+
+
+class FakeGrants:
+    def __init__(self, pages: dict[int, bytearray]) -> None:
+        self.pages = pages
+        self.mapped = 0
+        self.unmapped = 0
+
+    async def map_many(self, grants, readonly=False):
+        out = []
+        for dom, ref in grants:
+            if dom != FE or ref not in self.pages:
+                raise GrantError(GNTST_bad_gntref, f"no grant {ref}")
+            out.append(Mapping(dom, ref, ref, self.pages[ref], readonly))
+        self.mapped += len(out)
+        return out
+
+    async def unmap_many(self, maps):
+        self.unmapped += len(maps)
+
+
+class FakePort:
+    port = 1
+
+    def notify_nowait(self) -> None:
+        pass
+
+    async def wait(self) -> None:
+        await trio.sleep_forever()
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeKernel:
+    def __init__(self, grants) -> None:
+        self.grants = grants
+
+
+def make(tmp_path, persistent=True, readonly=False):
+    pages = {10 + i: bytearray(4096) for i in range(4)}
+    grants = FakeGrants(pages)
+    back = BlkBack(FakeKernel(grants), None, "backend/vbd/7/51712")
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SECTORS * 512))
+    back.fd = os.open(image, os.O_RDWR)
+    back.sectors = SECTORS
+    back.readonly = readonly
+    ring_page = bytearray(4096)
+    front = FrontRing.init(ring_page, blkif.ENTRY_SIZE)
+    conn = Connection(back, FE, Mapping(FE, 8, 0, ring_page, False), FakePort(), persistent)
+    return back, conn, front, pages, grants
+
+
+def req(op, rid, sector, segs=()):
+    return blkif.BlkifRequest(op, rid, sector, 0, tuple(blkif.Segment(*s) for s in segs)).pack()
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_write_then_read_through_granted_pages(tmp_path, persistent):
+    back, conn, _f, pages, grants = make(tmp_path, persistent)
+
+    async def main():
+        pages[10][:4096] = bytes(range(256)) * 16
+        r = await conn.handle(req(blkif.BLKIF_OP_WRITE, 1, 8, [(10, 0, 7)]))
+        assert (r.id, r.status) == (1, blkif.BLKIF_RSP_OKAY)
+        r = await conn.handle(req(blkif.BLKIF_OP_READ, 2, 8, [(11, 0, 3), (12, 4, 7)]))
+        assert r.status == blkif.BLKIF_RSP_OKAY
+        assert pages[11][:2048] == pages[10][:2048]
+        assert pages[12][2048:4096] == pages[10][2048:4096]
+    trio.run(main)
+    assert os.pread(back.fd, 4096, 8 * 512) == bytes(pages[10])
+    if persistent:
+        assert grants.unmapped == 0 and len(conn.pgrants) == 3
+    else:
+        assert grants.unmapped == grants.mapped == 3
+
+
+def test_hostile_requests_get_errors_not_crashes(tmp_path):
+    back, conn, _f, pages, _g = make(tmp_path)
+    E, NS = blkif.BLKIF_RSP_ERROR, blkif.BLKIF_RSP_EOPNOTSUPP
+    bad = [
+        (req(blkif.BLKIF_OP_READ, 1, 0, [(999, 0, 7)]), E),                # bad grant ref
+        (req(blkif.BLKIF_OP_WRITE, 2, SECTORS - 4, [(10, 0, 7)]), E),      # off the end
+        (req(blkif.BLKIF_OP_READ, 3, 2**63, [(10, 0, 7)]), E),             # absurd sector
+        (req(blkif.BLKIF_OP_READ, 4, 0, [(10, 7, 3)]), E),                 # first > last
+        (req(blkif.BLKIF_OP_READ, 5, 0, [(10, 0, 9)]), E),                 # past the page
+        (req(blkif.BLKIF_OP_READ, 6, 0), E),                               # no segments
+        (struct.pack("<BBH4xQQ", 99, 0, 0, 7, 0) + bytes(88), NS),          # unknown op
+        (struct.pack("<BBH4xQQ", 0, 12, 0, 8, 0) + bytes(88), E),           # 12 segments
+        (blkif.BlkifRequestIndirect(0, 9, 0, 1, (10,)).pack() + bytes(48), NS),
+        (blkif.BlkifRequestDiscard(10, SECTORS - 1, 2).pack() + bytes(80), E),
+        (req(blkif.BLKIF_OP_READ, 2**64 - 1, 0, [(10, 0, 0)]), blkif.BLKIF_RSP_OKAY),  # any id echoes
+    ]
+
+    async def main():
+        for raw, want in bad:
+            r = await conn.handle(raw)
+            assert r.status == want, (raw[:24], r)
+            assert r.id == struct.unpack_from("<Q", raw, 8)[0]
+    trio.run(main)
+    assert back.stats["errors"] == len(bad) - 1
+
+
+def test_read_only_disk_refuses_writes_and_discards(tmp_path):
+    _b, conn, _f, _p, _g = make(tmp_path, readonly=True)
+
+    async def main():
+        r = await conn.handle(req(blkif.BLKIF_OP_WRITE, 1, 0, [(10, 0, 7)]))
+        assert r.status == blkif.BLKIF_RSP_ERROR
+        r = await conn.handle(blkif.BlkifRequestDiscard(2, 0, 8).pack() + bytes(80))
+        assert r.status == blkif.BLKIF_RSP_ERROR
+    trio.run(main)
+
+
+def test_producer_index_past_the_ring_disconnects(tmp_path):
+    _b, conn, front, _p, _g = make(tmp_path)
+    front.sring.req_prod = front.size + 5      # more requests than the ring holds
+
+    async def main():
+        with pytest.raises(Disconnect, match="producer index"):
+            await conn.serve()
+    trio.run(main)
+
+
+def test_ring_requests_are_answered_in_order(tmp_path):
+    _b, conn, front, pages, _g = make(tmp_path)
+    for i in range(front.size):
+        front.put_request(req(blkif.BLKIF_OP_READ, 100 + i, i % SECTORS, [(10 + i % 4, 0, 0)]))
+    front.push_requests()
+
+    async def main():
+        with trio.move_on_after(2):
+            await conn.serve()
+    trio.run(main)
+    got = [blkif.BlkifResponse.unpack(r) for r in front.responses()]
+    assert [r.id for r in got] == [100 + i for i in range(front.size)]
+    assert all(r.status == blkif.BLKIF_RSP_OKAY for r in got)
+
+
+def test_flush_and_barrier_are_answered_after_fdatasync(tmp_path, monkeypatch):
+    back, conn, _f, pages, _g = make(tmp_path)
+    events = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(blkback.os, "fdatasync", lambda fd: events.append("fdatasync"))
+    monkeypatch.setattr(blkback.os, "pwrite", lambda fd, d, off: (events.append("write"),
+                                                                   real_pwrite(fd, d, off))[1])
+
+    async def main():
+        r = await conn.handle(req(blkif.BLKIF_OP_WRITE, 1, 0, [(10, 0, 7)]))
+        assert events == ["write"]
+        r = await conn.handle(req(blkif.BLKIF_OP_FLUSH_DISKCACHE, 2, 0))
+        assert r.status == blkif.BLKIF_RSP_OKAY and events[-1] == "fdatasync"
+        events.clear()
+        r = await conn.handle(req(blkif.BLKIF_OP_WRITE_BARRIER, 3, 8, [(10, 0, 7)]))
+        assert r.status == blkif.BLKIF_RSP_OKAY
+        assert events == ["fdatasync", "write", "fdatasync"]
+    trio.run(main)
+
+
+def test_discard_punches_a_hole(tmp_path):
+    back, conn, _f, pages, _g = make(tmp_path)
+    os.pwrite(back.fd, b"\xff" * 4096, 0)
+
+    async def main():
+        r = await conn.handle(blkif.BlkifRequestDiscard(1, 0, 8).pack() + bytes(80))
+        assert r.status == blkif.BLKIF_RSP_OKAY
+    trio.run(main)
+    assert os.pread(back.fd, 4096, 0) == bytes(4096)
