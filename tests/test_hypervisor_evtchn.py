@@ -1,0 +1,219 @@
+"""Event channels against a real hypervisor: every EVTCHNOP, and every refusal.
+
+Each guest is a real process running the puppet kernel; the test makes it issue
+exact hypercalls.  What is checked is what public/event_channel.h promises:
+a port pair connects only the two domains it was made for, a send sets the
+peer's pending bit (and coalesces), and a dead domain's peers are left unbound.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+
+import pytest
+
+from ipc.event_abi import (EVTCHNSTAT_closed, EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound,
+                           EVTCHNSTAT_virq, VIRQ_CONSOLE, VIRQ_DOM_EXC, VIRQ_TIMER)
+from tests.hvharness import PuppetError, proc_state, wait_for
+
+_names = itertools.count()
+
+
+def guest(h, **extra):
+    return h.create(f"ev{next(_names)}", **extra)
+
+
+def evtchn(caller, cmd: str, /, **args):
+    return caller.hypercall("event_channel_op", cmd, **args)
+
+
+def refused(expected_errno: int, fn, /, *args, **kw) -> PuppetError:
+    with pytest.raises(PuppetError) as info:
+        fn(*args, **kw)
+    assert info.value.errno == expected_errno, str(info.value)
+    return info.value
+
+
+def connect(h):
+    """Two guests joined by an interdomain channel: (a, port in a, b, port in b)."""
+    a, b = guest(h), guest(h)
+    pa = a.do("alloc_unbound", remote_dom=b.domid)
+    pb = b.do("bind_interdomain", remote_dom=a.domid, remote_port=pa)
+    return a, pa, b, pb
+
+
+def test_alloc_unbound_then_bind_interdomain_joins_exactly_two_ports(shared_hv):
+    a, b = guest(shared_hv), guest(shared_hv)
+    pa = a.do("alloc_unbound", remote_dom=b.domid)
+    assert pa > 0   # port 0 is never handed out
+    assert evtchn(a, "status", port=pa) == {"status": EVTCHNSTAT_unbound, "remote_dom": b.domid}
+    pb = b.do("bind_interdomain", remote_dom=a.domid, remote_port=pa)
+    assert evtchn(a, "status", port=pa) == {"status": EVTCHNSTAT_interdomain,
+                                            "remote_dom": b.domid, "remote_port": pb}
+    assert evtchn(b, "status", port=pb) == {"status": EVTCHNSTAT_interdomain,
+                                            "remote_dom": a.domid, "remote_port": pa}
+    assert shared_hv.info(a.domid)["evtchn_ports"] == 1
+
+
+def test_send_rings_the_peer_in_both_directions(shared_hv):
+    a, pa, b, pb = connect(shared_hv)
+    a.do("notify", port=pa)
+    assert b.do("wait", port=pb) is True
+    b.do("notify", port=pb)
+    assert a.do("wait", port=pa) is True
+
+
+def test_sends_while_the_receiver_is_paused_coalesce_into_one_upcall(shared_hv):
+    h = shared_hv
+    a, pa, b, pb = connect(h)
+    before = a.do("fire_count", port=pa)
+    pid = h.info(a.domid)["pid"]
+    h.dom0.hypercall("domctl", "pausedomain", domid=a.domid)
+    wait_for(lambda: proc_state(pid) == "T", what="the receiver to stop")
+    for _ in range(50):
+        b.do("notify", port=pb)
+    h.dom0.hypercall("domctl", "unpausedomain", domid=a.domid)
+    after = a.do("fire_count", port=pa)
+    assert after["upcalls"] == before["upcalls"] + 1
+    assert after["fires"] == before["fires"] + 1
+    assert a.do("pending", port=pa) is False
+
+
+def test_masked_port_stays_pending_until_unmask_delivers_it_once(shared_hv):
+    a, pa, b, pb = connect(shared_hv)
+    before = a.do("fire_count", port=pa)
+    a.do("mask", port=pa)
+    for _ in range(5):
+        b.do("notify", port=pb)
+    assert a.do("pending", port=pa) is True
+    assert a.do("fire_count", port=pa) == before   # masked: no upcall at all
+    evtchn(a, "unmask", port=pa)
+    after = a.do("fire_count", port=pa)
+    assert after == {"upcalls": before["upcalls"] + 1, "fires": before["fires"] + 1}
+    assert a.do("pending", port=pa) is False
+    refused(errno.EINVAL, evtchn, a, "unmask", port=999)
+
+
+def test_close_returns_the_peer_to_unbound(shared_hv):
+    a, pa, b, pb = connect(shared_hv)
+    evtchn(a, "close", port=pa)
+    assert evtchn(a, "status", port=pa) == {"status": EVTCHNSTAT_closed}
+    assert evtchn(b, "status", port=pb) == {"status": EVTCHNSTAT_unbound, "remote_dom": a.domid}
+    evtchn(b, "send", port=pb)   # sending on an unbound port is a no-op, as in Xen
+    refused(errno.EINVAL, evtchn, a, "send", port=pa)
+    refused(errno.EINVAL, evtchn, a, "close", port=pa)
+
+
+def test_sending_on_a_port_the_caller_does_not_own_is_refused(shared_hv):
+    a, pa, b, pb = connect(shared_hv)
+    c = guest(shared_hv)
+    before = a.do("fire_count", port=pa)
+    for port in (pb, pa, 0, -1, 5000, "1", None):
+        refused(errno.EINVAL, evtchn, c, "send", port=port)
+    assert a.do("fire_count", port=pa) == before   # nothing reached the real owner
+
+
+def test_binding_a_port_meant_for_another_domain_is_refused(shared_hv):
+    h = shared_hv
+    a, b, c = guest(h), guest(h), guest(h)
+    pa = a.do("alloc_unbound", remote_dom=b.domid)
+    refused(errno.EINVAL, evtchn, c, "bind_interdomain", remote_dom=a.domid, remote_port=pa)
+    assert evtchn(a, "status", port=pa)["status"] == EVTCHNSTAT_unbound
+    pb = b.do("bind_interdomain", remote_dom=a.domid, remote_port=pa)
+    # once bound, nobody else can take it over, not even the intended peer again
+    refused(errno.EINVAL, evtchn, c, "bind_interdomain", remote_dom=a.domid, remote_port=pa)
+    refused(errno.EINVAL, evtchn, b, "bind_interdomain", remote_dom=a.domid, remote_port=pa)
+    assert evtchn(a, "status", port=pa)["remote_port"] == pb
+    refused(errno.EINVAL, evtchn, c, "bind_interdomain", remote_dom=a.domid, remote_port=777)
+    refused(errno.ESRCH, evtchn, c, "bind_interdomain", remote_dom=4000, remote_port=1)
+    refused(errno.ESRCH, evtchn, c, "bind_interdomain", remote_dom="0", remote_port=1)
+
+
+def test_alloc_unbound_for_another_domain_needs_privilege(shared_hv):
+    h = shared_hv
+    a, b = guest(h), guest(h)
+    refused(errno.EPERM, evtchn, b, "alloc_unbound", dom=a.domid, remote_dom=b.domid)
+    refused(errno.EINVAL, evtchn, a, "alloc_unbound", remote_dom=-1)
+    refused(errno.EINVAL, evtchn, a, "alloc_unbound", remote_dom="b")
+    assert shared_hv.info(a.domid)["evtchn_ports"] == 0
+    # the toolstack makes a guest's xenstore/console ports this way
+    port = evtchn(h.dom0, "alloc_unbound", dom=a.domid, remote_dom=b.domid)["port"]
+    pb = b.do("bind_interdomain", remote_dom=a.domid, remote_port=port)
+    assert evtchn(a, "status", port=port)["remote_port"] == pb
+
+
+def test_status_of_another_domains_port_needs_privilege(shared_hv):
+    a, pa, b, pb = connect(shared_hv)
+    refused(errno.EPERM, evtchn, b, "status", dom=a.domid, port=pa)
+    assert evtchn(shared_hv.dom0, "status", dom=a.domid, port=pa)["status"] == EVTCHNSTAT_interdomain
+
+
+def test_exhausting_ports_gives_enospc_and_changes_nothing(shared_hv):
+    h = shared_hv
+    small = guest(h, max_evtchn_port=4)   # ports 1..3
+    other = guest(h)
+    ports = [small.do("alloc_unbound", remote_dom=other.domid) for _ in range(3)]
+    assert ports == [1, 2, 3]
+    refused(errno.ENOSPC, small.do, "alloc_unbound", remote_dom=other.domid)
+    po = other.do("alloc_unbound", remote_dom=small.domid)
+    refused(errno.ENOSPC, small.do, "bind_interdomain", remote_dom=other.domid, remote_port=po)
+    assert evtchn(other, "status", port=po)["status"] == EVTCHNSTAT_unbound
+    evtchn(small, "close", port=2)
+    assert small.do("bind_interdomain", remote_dom=other.domid, remote_port=po) == 2
+
+
+def test_bind_virq(shared_hv):
+    g = guest(shared_hv)
+    refused(errno.EPERM, g.do, "bind_virq", virq=VIRQ_DOM_EXC)   # global: dom0's business
+    refused(errno.EPERM, g.do, "bind_virq", virq=VIRQ_CONSOLE)
+    port = g.do("bind_virq", virq=VIRQ_TIMER)
+    assert evtchn(g, "status", port=port) == {"status": EVTCHNSTAT_virq, "virq": VIRQ_TIMER}
+    refused(errno.EEXIST, g.do, "bind_virq", virq=VIRQ_TIMER)
+    for bad in (-1, 24, 99, "3"):
+        refused(errno.EINVAL, g.do, "bind_virq", virq=bad)
+
+
+def test_virq_dom_exc_tells_dom0_of_a_state_change(shared_hv):
+    h = shared_hv
+    port = h.dom_exc_port()
+    g = guest(h)
+    before = h.dom0.do("fire_count", port=port)["fires"]
+    g.hypercall("sched_op", "shutdown", reason=0)
+    assert h.dom0.do("wait", port=port) is True
+    assert h.dom0.do("fire_count", port=port)["fires"] > before
+
+
+@pytest.mark.parametrize("death", ["crash", "destroy", "sigkill"])
+def test_peers_of_a_dead_domain_are_told_and_left_unbound(shared_hv, death):
+    h = shared_hv
+    a, pa, b, pb = connect(h)
+    before = b.do("fire_count", port=pb)["fires"]
+    if death == "crash":
+        with pytest.raises(ConnectionError):
+            a.do("crash")
+        h.wait_state(a.domid, "c")
+    elif death == "destroy":
+        h.destroy(a.domid)
+    else:
+        import os
+        import signal
+        os.kill(h.info(a.domid)["pid"], signal.SIGKILL)
+        h.wait_state(a.domid, "c")
+    assert evtchn(b, "status", port=pb) == {"status": EVTCHNSTAT_unbound, "remote_dom": a.domid}
+    assert b.do("fire_count", port=pb)["fires"] == before + 1
+    # the dead domain's port number cannot be reached or bound any more
+    refused(errno.ESRCH, evtchn, b, "bind_interdomain", remote_dom=a.domid, remote_port=pa)
+
+
+def test_a_domain_may_bind_a_port_to_itself(shared_hv):
+    from ipc.event_abi import DOMID_SELF
+    g = guest(shared_hv)
+    p1 = g.do("alloc_unbound", remote_dom=DOMID_SELF)
+    assert evtchn(g, "status", port=p1)["remote_dom"] == g.domid
+    p2 = g.do("bind_interdomain", remote_dom=DOMID_SELF, remote_port=p1)
+    before = g.do("fire_count", port=p1)["fires"]
+    g.do("notify", port=p2)
+    assert g.do("fire_count", port=p1)["fires"] == before + 1
+    evtchn(g, "close", port=p2)
+    assert evtchn(g, "status", port=p1) == {"status": EVTCHNSTAT_unbound, "remote_dom": g.domid}
