@@ -13,6 +13,15 @@ grant is delivered as a descriptor re-opened with O_RDONLY through /proc, and
 mmap(PROT_WRITE, MAP_SHARED) on such a descriptor fails with EACCES.  A domain
 that holds it can read the page and nothing else.
 
+Not yet true, and known: every domain process runs as the same user as the
+hypervisor (root on these machines).  Such a process can re-open its read-only
+descriptor read-write through /proc/self/fd, and can open any frame the
+hypervisor holds through /proc/<hypervisor>/fd.  The OS check above holds only
+against a domain running as a different, unprivileged user; running domains
+under their own uids (or a user namespace), with the hypervisor non-dumpable,
+is the process-hardening work of the security wave.  Two expected-failure
+tests (tests/test_hypervisor_hostile.py) record the hole until then.
+
 A page lives as long as any descriptor or mapping of it does; this gives Xen's
 rule "a mapped page stays alive even when its owner dies" for free.  memfds are
 anonymous, so nothing is ever left behind in /dev/shm.
