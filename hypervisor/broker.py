@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import traceback
@@ -44,6 +45,7 @@ from ipc import channel, fdpass, rundir
 from ipc.channel import BadMessage, HypercallError
 
 log = logging.getLogger("xen")
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enum arithmetic is slow
 
 
 @dataclass
@@ -87,7 +89,12 @@ class Hypervisor:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.zap, zmq.POLLIN)
+        # Domain pidfds live in one epoll set, registered in the poller as a single fd:
+        # zmq.Poller rebuilds its list on every poll, so a hundred pidfds there would
+        # slow every hypercall.
         self._pidfds: dict[int, Domain] = {}
+        self._deaths = select.epoll()
+        self.poller.register(self._deaths.fileno(), zmq.POLLIN)
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
@@ -118,11 +125,11 @@ class Hypervisor:
 
     def watch_process(self, dom: Domain) -> None:
         self._pidfds[dom.pidfd] = dom
-        self.poller.register(dom.pidfd, zmq.POLLIN)
+        self._deaths.register(dom.pidfd, select.EPOLLIN)
 
     def unwatch_process(self, dom: Domain) -> None:
         if dom.pidfd >= 0:
-            self.poller.unregister(dom.pidfd)
+            self._deaths.unregister(dom.pidfd)
             self._pidfds.pop(dom.pidfd, None)
             os.close(dom.pidfd)
             dom.pidfd = -1
@@ -156,14 +163,15 @@ class Hypervisor:
                     self._authenticate()
                 elif sock == self._sig_r.fileno():
                     self._signal()
-                else:
-                    # The event may be stale: an earlier event of this batch can have
-                    # closed that pidfd and a createdomain reused its number for a live
-                    # domain.  Only a pidfd readable now says its process is gone.
-                    dom = self._pidfds.get(sock)
-                    if dom is not None and _readable(sock):
-                        domain.domain_died(self, dom)
+                elif sock == self._deaths.fileno():
+                    self._reap_deaths()
         self.shutdown()
+
+    def _reap_deaths(self) -> None:
+        for fd, _ev in self._deaths.poll(0):
+            dom = self._pidfds.get(fd)
+            if dom is not None:
+                domain.domain_died(self, dom)
 
     def _signal(self) -> None:
         try:
@@ -192,7 +200,7 @@ class Hypervisor:
         self.zap.send_multipart([version, request_id, status, b"OK" if user else b"denied", user, b""])
 
     def _drain_router(self) -> None:
-        while self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while self.router.getsockopt(_EVENTS) & _POLLIN:
             try:
                 routing_id, frame = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except ValueError:
@@ -236,6 +244,13 @@ class Hypervisor:
 
     def _reply(self, dom: Domain, req_id: int, result: Any) -> None:
         if dom.routing_id is None:
+            return
+        if req_id == 0:   # fire-and-forget: nobody waits; only a failure is worth a log line
+            if isinstance(result, HypercallError):
+                self.conring.printk(f"d{dom.domid}: unanswered hypercall failed: {result}")
+            if isinstance(result, WithFds):
+                for fd in result.close_after:
+                    os.close(fd)
             return
         if isinstance(result, WithFds):
             try:
@@ -286,6 +301,7 @@ class Hypervisor:
             if not dom.dying:
                 domain.destroy_domain(self, dom)
         self.builder.close()
+        self._deaths.close()
         self.router.close()
         self.zap.close()
         self.ctx.term()
@@ -297,11 +313,6 @@ class Hypervisor:
 def _same(a: bytes, b: bytes) -> bool:
     import hmac
     return hmac.compare_digest(a, b)
-
-
-def _readable(fd: int) -> bool:
-    import select
-    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _held_frames(hv: Hypervisor, owner: int):

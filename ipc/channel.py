@@ -14,6 +14,7 @@ message body that names a domid names a *target*, never the caller.
 Wire format (msgpack arrays):
 
     domain -> hypervisor   [req_id, hypercall, cmd, args]      e.g. [7, "event_channel_op", "send", {"port": 3}]
+                                                                req_id 0: no reply wanted (fire and forget)
     hypervisor -> domain   [REPLY, req_id, errno, result]      errno 0: result is the value
                                                                 errno > 0: result is a message
                            [REPLY, req_id, 0, result, nfds]     nfds page descriptors were sent,
