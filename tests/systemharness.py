@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,7 @@ class System:
         sockets = [os.path.join(t, f) for t, _, fs in os.walk(self.run_dir) for f in fs
                    if f.endswith(".sock") or f == "socket"]
         assert not sockets, f"sockets left behind: {sockets}"
+        shutil.rmtree(self.run_dir, ignore_errors=True)   # kept only when a check failed
 
     def alive(self) -> bool:
         return _alive(self.hv_pid)

@@ -375,7 +375,7 @@ def console(c: Client, dom: str) -> int:
     interactive = os.isatty(fd)
     old = termios.tcgetattr(fd) if interactive else None
     if interactive:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)   # keep keys typed before we attached
     try:
         while True:
             ready, _, _ = select.select([c.sock, fd], [], [])
