@@ -197,3 +197,61 @@ def test_up_refuses_bad_config_before_starting(tmp_path):
     r = run_py("up", "--run-dir", str(run_dir), "--detach", "--config", str(bad))
     assert r.returncode != 0 and "bad.cfg" in r.stderr
     assert not (run_dir / "hypervisor.pid").exists()
+
+
+def test_top_batch_mode(system):
+    out = system.xl("top", "-b", "-i", "2", "-d", "0.2").stdout.splitlines()
+    headers = [l for l in out if l.split()[:2] == ["NAME", "STATE"]]
+    assert len(headers) == 2
+    assert any("guest1" in l for l in out)
+
+
+def test_vcpu_set_list_rename_uptime_memmax(system, tmp_path):
+    cfg = tmp_path / "extra1.cfg"
+    cfg.write_text(GUEST_CFG)
+    system.xl("create", str(cfg))
+    try:
+        system.xl("vcpu-set", "extra1", "1")
+        assert system.domain("extra1")["online_vcpus"] == 1
+        rows = [l for l in system.xl("vcpu-list", "extra1").stdout.splitlines() if "extra1" in l]
+        assert len(rows) == 2 and "--p" in rows[1]
+        r = system.xl("vcpu-set", "extra1", "5", check=False)
+        assert r.returncode != 0
+        system.xl("mem-max", "extra1", "96")
+        assert system.domain("extra1")["maxmem"] == 96
+        system.xl("rename", "extra1", "renamed1")
+        assert system.domain("renamed1")["domid"]
+        r = system.xl("rename", "renamed1", "guest1", check=False)
+        assert r.returncode != 0 and "already exists" in r.stderr
+        assert "renamed1" in system.xl("uptime").stdout
+    finally:
+        system.xl("destroy", "renamed1", check=False)
+        system.xl("destroy", "extra1", check=False)
+
+
+def test_xenstore_helpers(system):
+    system.xl("xenstore-write", "/tool/test/a", "1", "/tool/test/b", "two")
+    assert system.xl("xenstore-read", "/tool/test/b").stdout.strip() == "two"
+    assert 'b = "two"' in system.xl("xenstore-ls", "/tool/test").stdout
+    system.xl("xenstore-rm", "/tool/test")
+    r = system.xl("xenstore-read", "/tool/test/a", check=False)
+    assert r.returncode != 0 and "ENOENT" in r.stderr
+
+
+def test_xenstore_watch_sees_changes(system):
+    import subprocess
+    import sys
+    from tests.systemharness import ROOT
+    proc = subprocess.Popen([sys.executable, "run.py", "xl", "--run-dir", system.run_dir,
+                             "xenstore-watch", "-n", "2", "/tool/watched"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()          # the initial event: the watch is armed
+        assert first.strip() == "/tool/watched"
+        system.xl("xenstore-write", "/tool/watched/x", "1")
+        assert proc.stdout.readline().strip() == "/tool/watched/x"
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,8 @@ the same toolstack library through this Unix socket at
 Framing: each message is a 4-byte big-endian length and a msgpack map.
 Request `{"method": NAME, "args": {...}}`; reply `{"ok": VALUE}` or
 `{"error": MESSAGE}`.  The `console` method turns the connection into a raw
-byte pipe to a guest's console after its reply.
+byte pipe to a guest's console after its reply; `xs_watch` into a stream of
+watch-event frames `{"path", "token"}`.
 
 Every method name is in METHODS; nothing else on the Toolstack is reachable.
 Malformed frames close that connection and nothing else.
@@ -60,7 +61,7 @@ def frame(value: Any) -> bytes:
 class ManagementAPI:
     METHODS = {"list", "info", "dmesg", "create", "destroy", "shutdown", "pause", "unpause",
                "mem_set", "mem_max", "vcpu_pin", "vcpu_set", "rename", "find", "uptime",
-               "xs_read", "xs_write", "xs_ls", "xs_rm", "xs_directory", "console", "ping",
+               "xs_read", "xs_write", "xs_ls", "xs_rm", "xs_directory", "xs_watch", "console", "ping",
                "block_list", "block_attach", "block_detach", "network_list",
                "network_attach", "network_detach"}
 
@@ -103,6 +104,9 @@ class ManagementAPI:
                 if method == "console":
                     await self._console(stream, buf, args)
                     return
+                if method == "xs_watch":
+                    await self._watch(stream, args)
+                    return
                 try:
                     value = await getattr(self.dom0, f"api_{method}")(**args)
                     reply = {"ok": value}
@@ -117,6 +121,32 @@ class ManagementAPI:
                     await stream.send_all(frame(reply))
                 except trio.BrokenResourceError:
                     return
+
+    async def _watch(self, stream: trio.SocketStream, args: dict) -> None:
+        """Stream XenStore watch events (one frame each) until the client goes."""
+        path = args.get("path")
+        if not isinstance(path, str):
+            await stream.send_all(frame({"error": "xs_watch needs a path"}))
+            return
+        try:
+            watch = await self.dom0.xs.watch(path)
+        except OSError as exc:
+            await stream.send_all(frame({"error": f"xenstore: {path}: {exc}"}))
+            return
+        await stream.send_all(frame({"ok": path}))
+        async with watch:
+            async with trio.open_nursery() as nursery:
+                async def until_client_leaves() -> None:
+                    while await stream.receive_some(64):
+                        pass
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(until_client_leaves)
+                try:
+                    async for event in watch:
+                        await stream.send_all(frame({"path": event.path, "token": event.token}))
+                except trio.BrokenResourceError:
+                    pass
+                nursery.cancel_scope.cancel()
 
     async def _console(self, stream: trio.SocketStream, buf: bytearray, args: dict) -> None:
         """Attach a client to a guest console: output out, keystrokes in."""

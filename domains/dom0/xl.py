@@ -38,10 +38,13 @@ USAGE = """usage: run.py xl [--run-dir DIR] <subcommand> [args]
  vcpu-set DOMAIN N         set the number of online vCPUs
  top [-b] [-i N] [-d S]    xentop: domains' resource use, refreshing
  xenstore-ls [PATH]        xenstore-read PATH...  xenstore-write PATH VALUE...
- xenstore-rm PATH...
+ xenstore-rm PATH...        xenstore-watch [-n N] PATH
  block-list DOMAIN         list a domain's virtual block devices
  block-attach DOMAIN DISKSPEC   add a disk (xl-disk-configuration syntax)
  block-detach DOMAIN VDEV  remove a disk
+ network-list DOMAIN       list a domain's virtual network interfaces
+ network-attach DOMAIN VIFSPEC  add a vif (xl-network-configuration syntax)
+ network-detach DOMAIN DEVID|MAC  remove a vif
 """
 
 
@@ -363,6 +366,23 @@ def cmd_xs_rm(c: Client, args: list[str]) -> int:
     return 0
 
 
+def cmd_xs_watch(c: Client, args: list[str]) -> int:
+    """xenstore-watch [-n N] PATH: print each event's path (the first is the initial one)."""
+    count = None
+    if args[:1] == ["-n"] and len(args) >= 2:
+        count, args = _int(args[1], "-n"), args[2:]
+    if len(args) != 1:
+        raise UsageError("usage: xl xenstore-watch [-n N] PATH")
+    c.call("xs_watch", path=args[0])
+    c.sock.settimeout(None)   # events come when they come
+    seen = 0
+    while count is None or seen < count:
+        event = c.read()
+        print(event["path"], flush=True)
+        seen += 1
+    return 0
+
+
 def cmd_console(c: Client, args: list[str]) -> int:
     _need(args, 1, "console DOMAIN")
     return console(c, args[0])
@@ -418,6 +438,30 @@ def cmd_block_detach(c: Client, args: list[str]) -> int:
     return 0
 
 
+def cmd_network_list(c: Client, args: list[str]) -> int:
+    _need(args, 1, "network-list DOMAIN")
+    print(f"{'Idx':<4}{'BE':>4} {'Mac Addr.':<18}{'handle':>6} {'state':>5} {'evt-ch':>6} "
+          f"{'tx-/rx-ring-ref':>15} BE-path")
+    for d in c.call("network_list", dom=args[0]):
+        refs = f"{d['tx_ring_ref']}/{d['rx_ring_ref']}"
+        print(f"{d['idx']:<4}{d['backend']:>4} {d['mac']:<18}{d['handle']:>6} {d['state']:>5} "
+              f"{d['evtch']:>6} {refs:>15} {d['be_path']}")
+    return 0
+
+
+def cmd_network_attach(c: Client, args: list[str]) -> int:
+    if len(args) < 2:
+        raise UsageError("usage: xl network-attach DOMAIN VIFSPEC (e.g. backend=netdom,bridge=xenbr0)")
+    c.call("network_attach", dom=args[0], spec=",".join(args[1:]))
+    return 0
+
+
+def cmd_network_detach(c: Client, args: list[str]) -> int:
+    _need(args, 2, "network-detach DOMAIN DEVID|MAC")
+    c.call("network_detach", dom=args[0], which=args[1])
+    return 0
+
+
 COMMANDS = {
     "list": cmd_list, "create": cmd_create,
     "destroy": cmd_simple("destroy", "destroy DOMAIN"),
@@ -431,9 +475,11 @@ COMMANDS = {
     "vcpu-list": cmd_vcpu_list, "vcpu-pin": cmd_vcpu_pin, "vcpu-set": cmd_vcpu_set,
     "top": cmd_top, "console": cmd_console,
     "xenstore-ls": cmd_xs_ls, "xenstore-read": cmd_xs_read,
-    "xenstore-write": cmd_xs_write, "xenstore-rm": cmd_xs_rm,
+    "xenstore-write": cmd_xs_write, "xenstore-rm": cmd_xs_rm, "xenstore-watch": cmd_xs_watch,
     "block-list": cmd_block_list, "block-attach": cmd_block_attach,
     "block-detach": cmd_block_detach,
+    "network-list": cmd_network_list, "network-attach": cmd_network_attach,
+    "network-detach": cmd_network_detach,
 }
 
 
