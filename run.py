@@ -5,6 +5,8 @@
     python run.py down [--run-dir DIR]
     python run.py xl [--run-dir DIR] SUBCOMMAND ...
     python run.py bench [SUITE ...] [--json FILE]
+    python run.py fault --list | KIND DOMAIN [options]
+    python run.py campaign --faults N --seed S [--config FILE] [--report DIR]
 
 The run directory holds everything a running system owns: sockets, logs,
 console logs, reports.  It is --run-dir, else $MICROXEN_RUN_DIR, else
@@ -47,7 +49,10 @@ def main(argv: list[str]) -> int:
     if command == "bench":
         import bench
         return bench.main(rest)
-    print(f"run.py: unknown command '{command}' (try: up, down, xl, bench)",
+    if command in ("fault", "campaign"):
+        from domains.dom0 import faults
+        return faults.fault_main(rest) if command == "fault" else faults.campaign_main(rest)
+    print(f"run.py: unknown command '{command}' (try: up, down, xl, bench, fault, campaign)",
           file=sys.stderr)
     return 2
 

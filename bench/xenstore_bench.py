@@ -12,9 +12,12 @@ What it measures (each server runs in its own process, as in the system):
 * Watch-event fan-out: one WRITE, 100 watchers on separate connections;
   time until all 100 have their event.
 
-``run()`` returns a list of dicts ``{"name", "value", "unit"}``; comparisons
-also carry ``{"baseline", "baseline_value", "ratio"}``.  Run
-``python -m bench.xenstore_bench`` from the repository root to print them.
+* READ and WRITE latency from a real guest domain over its ring, through the
+  whole system (hypervisor event channels, dom0's xenstored).
+
+``run(ctx)`` returns Figures for ``run.py bench xenstore``; the measuring
+functions return dicts ``{"name", "value", "unit"}`` (comparisons also carry
+``{"baseline", "baseline_value", "ratio"}``).
 """
 
 from __future__ import annotations
@@ -341,15 +344,74 @@ def bench_fanout(tmp: str) -> list[dict]:
     ]
 
 
-def run() -> list[dict]:
+def bench_guest(n: int) -> list[dict]:
+    """READ/WRITE latency from a real guest domain over its ring (the whole system)."""
+    import json
+    import shutil
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = tempfile.mkdtemp(prefix="mxxs-")
+    cfg = os.path.join(run_dir, "xsguest.cfg")
+    with open(cfg, "w") as f:
+        f.write(f'name = "xsguest"\nkernel = "bench.kernels.xsguest"\nmemory = 32\n'
+                f'cmdline = "n={n}"\n')
+    py = [sys.executable, os.path.join(root, "run.py")]
+    try:
+        subprocess.run(py + ["up", "--run-dir", run_dir, "--detach", "--config", cfg],
+                       check=True, capture_output=True, timeout=60, cwd=root)
+        deadline = time.monotonic() + 120
+        raw = ""
+        while not raw:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the guest never reported its XenStore timings")
+            time.sleep(0.2)
+            r = subprocess.run(py + ["xl", "--run-dir", run_dir, "xenstore-read",
+                                     "/local/domain/1/data/xsbench"],
+                               capture_output=True, text=True, timeout=30, cwd=root)
+            raw = r.stdout.strip() if r.returncode == 0 else ""
+        samples = json.loads(raw)
+    finally:
+        subprocess.run(py + ["down", "--run-dir", run_dir], capture_output=True, timeout=60,
+                       cwd=root)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    out = []
+    for op in ("read", "write"):
+        out.append({"name": f"guest ring {op.upper()} latency median (real domain)",
+                    "value": round(samples[op]["median"], 1), "unit": "us"})
+        out.append({"name": f"guest ring {op.upper()} latency p99 (real domain)",
+                    "value": round(samples[op]["p99"], 1), "unit": "us"})
+    return out
+
+
+def run(ctx=None) -> list:
+    """The suite entry for `run.py bench xenstore`: Figures for the report."""
+    from bench.harness import Figure
+    scale = getattr(ctx, "scale", 1.0) if ctx is not None else 1.0
     with tempfile.TemporaryDirectory(prefix="xsbench-") as tmp:
-        return bench_socket(tmp) + bench_ring() + bench_fanout(tmp)
+        rows = bench_socket(tmp) + bench_ring() + bench_fanout(tmp) + \
+            bench_guest(max(100, int(2000 * scale)))
+    figures = []
+    for row in rows:
+        unit = row["unit"]
+        better = "higher" if unit.endswith("/s") else "lower"
+        ratio, base = None, row.get("baseline_value")
+        if base:   # the harness's convention: how many times slower than the baseline
+            ratio = round(row["value"] / base if better == "lower" else base / row["value"], 3)
+        figures.append(Figure(name="xenstore." + _slug(row["name"]), value=row["value"], unit=unit,
+                              baseline=row.get("baseline"), baseline_value=base,
+                              ratio=ratio, better=better))
+    return figures
+
+
+def _slug(text: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 if __name__ == "__main__":
-    for row in run():
+    for fig in run():
         extra = ""
-        if "baseline" in row:
-            extra = f"   vs {row['baseline']}: {row['baseline_value']} ({row['ratio']}x)"
-        print(f"{row['name']}: {row['value']} {row['unit']}{extra}")
+        if fig.baseline:
+            extra = f"   vs {fig.baseline}: {fig.baseline_value} ({fig.ratio}x)"
+        print(f"{fig.name}: {fig.value} {fig.unit}{extra}")
     sys.stdout.flush()

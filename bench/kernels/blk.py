@@ -20,7 +20,6 @@ import trio
 
 from domains.domu.blkfront import open_vbd
 from domains.kernel.boot import Kernel, boot
-from domains.kernel.xenstore import open_ring_client
 from domains.kernel.xenbus import wait_until
 
 BLOCK = 4096
@@ -63,11 +62,9 @@ async def _seq(dev, write: bool, region: int) -> float:
 
 
 async def main(k: Kernel) -> None:
-    page = k.memory.pages[k.start_info["store_gfn"]]
-    port = k.events.adopt(k.start_info["store_evtchn"])
     args = k.cmdline
     persistent = args.get("persistent", "1") == "1"
-    async with open_ring_client(page.map, port.notify, port.wait) as xs:
+    async with k.xenstore() as xs:
         base = f"/local/domain/{k.domid}/data/bench"
         async with trio.open_nursery() as nursery:
             dev = await open_vbd(k, xs, nursery, persistent=persistent)

@@ -167,6 +167,27 @@ class Dom0:
             record.config.disk = [d for d in record.config.disk
                                   if getattr(d, "devid", None) != self.devices.last_detached]
 
+    # -- network devices (xl network-list / network-attach / network-detach) -------------
+    async def api_network_list(self, dom) -> list[dict]:
+        info = await self.toolstack.find(dom)
+        return await self.devices.net.list(info["domid"])
+
+    async def api_network_attach(self, dom, spec: str) -> dict:
+        info = await self.toolstack.find(dom)
+        record = self.toolstack.records.get(info["domid"])
+        seed = (getattr(record.config, "uuid", None) or record.config.name) if record else None
+        vif = await self.devices.net.attach(info["domid"], spec, seed=seed)
+        if record is not None and hasattr(record.config, "vif"):
+            record.config.vif.append(vif.spec)     # a restarted domain keeps it
+        return {"devid": vif.devid, "mac": vif.spec.mac, "backend": vif.backend}
+
+    async def api_network_detach(self, dom, which: str) -> None:
+        info = await self.toolstack.find(dom)
+        vif = await self.devices.net.detach(info["domid"], str(which))
+        record = self.toolstack.records.get(info["domid"])
+        if record is not None and hasattr(record.config, "vif"):
+            record.config.vif = [v for v in record.config.vif if v.devid != vif.devid]
+
     async def api_xs_read(self, path: str) -> str:
         return (await self._xs(self.xs.read, path)).decode(errors="replace")
 

@@ -52,7 +52,7 @@ class StoreRings:
         async def serve() -> None:
             try:
                 with ring.cancel:
-                    await serve_ring(self.store, domid, mapping.map, port.notify, port.wait)
+                    await serve_ring(self.store, domid, mapping.map, port.kick, port.wait)
             except Exception:
                 log.exception("xenstore ring of d%d failed; connection dropped", domid)
             finally:

@@ -26,7 +26,8 @@ from domains.dom0.client import APIError, Client, NotRunning, resolve_run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-DEFAULT_SYSTEM = ["blkdom.cfg", "guest1.cfg", "guest2.cfg"]   # blkdom first: the guests' disks name it
+# The driver domains first: the guests' disks and vifs name them.
+DEFAULT_SYSTEM = ["blkdom.cfg", "netdom.cfg", "guest1.cfg", "guest2.cfg"]
 BOOT_TIMEOUT = 60.0
 
 

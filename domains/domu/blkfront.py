@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Callable
 
 import trio
 
+from domains.kernel import faultpoint
 from domains.kernel.xenbus import FrontendDevice, XenbusState, read_int, read_state, wait_until
 from ipc import blkif
 from ipc.page import PAGE_SIZE
@@ -143,6 +144,7 @@ class BlkFront:
     async def start(self, nursery: trio.Nursery, timeout: float = 60.0) -> "BlkFront":
         """Start the driver and wait until the device is connected the first time."""
         nursery.start_soon(self._run)
+        faultpoint.ensure_agent(self.k, self.xs, nursery)
         with trio.fail_after(timeout):
             await self._connected.wait()
         return self
@@ -283,11 +285,12 @@ class BlkFront:
                 gref = self.k.grants.grant_access(conn.be_id, page.gfn, readonly=writing)
                 req.grefs.append(gref)
             segs.append(blkif.Segment(gref, 0, n - 1))
-        conn.ring.put_request(blkif.BlkifRequest(req.op, rid, req.sector, 0, tuple(segs)).pack())
+        conn.ring.put_request(faultpoint.hit_nowait("blkfront.request", blkif.BlkifRequest(req.op, rid, req.sector, 0, tuple(segs)).pack()))
 
     def _push(self, conn: _Conn) -> None:
         if conn.ring.push_requests_and_check_notify():
             conn.port.notify_nowait()
+        faultpoint.hit_nowait("blkfront.push", conn.ring)
 
     def _complete(self, conn: _Conn, rsp: blkif.BlkifResponse) -> None:
         req = conn.shadow.pop(rsp.id, None) if rsp.id < conn.ring.size else None
@@ -297,6 +300,7 @@ class BlkFront:
                         self.dev.nodename, rsp.id)
             return
         conn.free_ids.append(rsp.id)
+        faultpoint.count("io.complete", rsp.status)
         self._end_grants(req)
         if req.op == blkif.BLKIF_OP_READ and req.raw is None and rsp.status == blkif.BLKIF_RSP_OKAY:
             out = bytearray()

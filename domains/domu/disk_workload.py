@@ -22,6 +22,8 @@ What it does
     recovery-time benchmark).
 
 Command line (``extra``): ``workload=disk disk_blocks=N disk_workers=N``.
+Run as part of a combined workload (``disk+net``) its counters are prefixed
+``disk_`` (see workloads.py).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class DiskChecker:
         return False
 
 
-async def run(k, xs, console) -> None:
+async def run(k, xs, console, prefix: str = "") -> None:
     args = k.cmdline
     nblocks = int(args.get("disk_blocks", 1024))
     nworkers = max(1, int(args.get("disk_workers", 8)))
@@ -108,7 +110,7 @@ async def run(k, xs, console) -> None:
             r = dev.stats["reconnects"]
             if r > seen_reconnects:
                 seen_reconnects = r
-                await xs.write(f"{base}/recovered_at", repr(time.time()).encode())
+                await xs.write(f"{base}/{prefix}recovered_at", repr(time.time()).encode())
                 try:
                     want_sweep.send_nowait(r)
                 except trio.WouldBlock:
@@ -172,7 +174,7 @@ async def run(k, xs, console) -> None:
                 counters["replayed"] = dev.stats["replayed"]
                 counters["blocks_written"] = len(checker.acked)
                 for key, value in counters.items():
-                    await xs.write(f"{base}/{key}", str(value).encode())
+                    await xs.write(f"{base}/{prefix}{key}", str(value).encode())
                 await trio.sleep(0.5)
 
         async def sweep_on_request() -> None:

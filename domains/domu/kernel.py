@@ -15,15 +15,12 @@ from domains.domu import shell
 from domains.kernel import balloon, control
 from domains.kernel.boot import Kernel, boot
 from domains.kernel.console import Console
-from domains.kernel.xenstore import open_ring_client
 
 
 async def main(k: Kernel) -> None:
-    page = k.memory.pages[k.start_info["store_gfn"]]
-    port = k.events.adopt(k.start_info["store_evtchn"])
     console = Console(k)
     await console.write(f"microxen guest kernel: {k.name} (domain {k.domid}) booting\n")
-    async with open_ring_client(page.map, port.notify, port.wait) as xs:
+    async with k.xenstore() as xs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(balloon.run, k, xs)
             nursery.start_soon(shell.run, k, xs, console)

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from domains.kernel import faultpoint
 from domains.kernel.grant_table import GrantError, Mapping
 from domains.kernel.xenbus import XenbusState, read_int, read_node, read_state, switch_state, wait_until
 from ipc import blkif
@@ -241,6 +242,7 @@ class Connection:
                 raise Disconnect(f"disconnecting d{self.fe_id}: {exc}") from None
             for raw in reqs:
                 rsp = await self.handle(raw)
+                rsp = await faultpoint.hit("blkback.response", rsp)
                 try:
                     ring.put_response(rsp.pack())
                 except RingError as exc:
@@ -248,6 +250,7 @@ class Connection:
             if reqs:
                 if ring.push_responses_and_check_notify():
                     self.port.notify_nowait()
+                faultpoint.hit_nowait("blkback.push", ring)
                 continue
             try:
                 if ring.final_check_for_requests():
@@ -260,6 +263,7 @@ class Connection:
     async def handle(self, raw: bytes) -> blkif.BlkifResponse:
         back = self.back
         back.stats["requests"] += 1
+        await faultpoint.hit("blkback.request")
         try:
             req = blkif.unpack_request(raw)
         except blkif.BlkifRequestError as exc:
@@ -307,6 +311,8 @@ class Connection:
             return blkif.BLKIF_RSP_OKAY
         self._check_range(req.sector_number, req.nr_sectors)
         is_read = op == blkif.BLKIF_OP_READ
+        if not is_read and faultpoint.hit_nowait("blkback.write") is faultpoint.DROP:
+            return blkif.BLKIF_RSP_OKAY     # a broken backend, for testing the checker
         if op == blkif.BLKIF_OP_WRITE_BARRIER:
             # A barrier: everything acknowledged before it is on disk first.
             await trio.to_thread.run_sync(os.fdatasync, back.fd)

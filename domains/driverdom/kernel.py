@@ -11,7 +11,8 @@ In Xen
 Here
     This kernel connects to XenStore over its ring, prints to its console,
     starts a :class:`~domains.kernel.xenbus.BackendWatcher` per device type it
-    can serve (``vbd`` -> blkback), and writes a *heartbeat*: an increasing
+    can serve (``vbd`` -> blkback, ``vif`` -> netback on a bridge, see
+    netif_backend.py), and writes a *heartbeat*: an increasing
     counter at ``/local/domain/<self>/data/heartbeat`` every
     ``heartbeat=SECONDS`` (command line, default 0.5).  dom0's watchdog reads
     it: a driver domain whose heartbeat stops is hung, even if its process is
@@ -33,8 +34,8 @@ from functools import partial
 
 import trio
 
-from domains.driverdom import blkback
-from domains.kernel import control
+from domains.driverdom import blkback, netif_backend
+from domains.kernel import control, faultpoint
 from domains.kernel.boot import Kernel, boot
 from domains.kernel.console import Console
 from domains.kernel.xenbus import BackendWatcher
@@ -64,9 +65,13 @@ async def main(k: Kernel) -> None:
     async with open_ring_client(page.map, port.notify, port.wait) as xs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat, k, xs, max(interval, 0.05))
+            nursery.start_soon(faultpoint.agent, k, xs)
             vbd = BackendWatcher(xs, k.domid, "vbd", partial(blkback.serve, k, xs))
             nursery.start_soon(vbd.run)
-            await console.write(f"{k.name}: serving backend/vbd\n")
+            vif = BackendWatcher(xs, k.domid, "vif",
+                                 partial(netif_backend.serve, k, xs, netif_backend.Bridges()))
+            nursery.start_soon(vif.run)
+            await console.write(f"{k.name}: serving backend/vbd and backend/vif\n")
             await control.run(k, xs)
 
 

@@ -66,6 +66,17 @@ class Kernel:
             out[key] = value if _ else "1"
         return out
 
+    def xenstore(self):
+        """An async context manager: our XenStore connection over the ring the builder gave us.
+
+            async with k.xenstore() as xs:
+                await xs.read(f"/local/domain/{k.domid}/name")
+        """
+        from domains.kernel.xenstore import open_ring_client
+        page = self.memory.pages[self.start_info["store_gfn"]]
+        port = self.events.adopt(self.start_info["store_evtchn"])
+        return open_ring_client(page.map, port.kick, port.wait)
+
     async def printk(self, text: str) -> None:
         """Write to the hypervisor's console (xl dmesg shows it, marked as ours)."""
         await self.hv.call("console_io", "write", text=text)

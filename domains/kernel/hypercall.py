@@ -25,6 +25,7 @@ import msgpack
 import trio
 import zmq
 
+from domains.kernel import faultpoint
 from ipc import channel, fdpass
 from ipc.channel import HypercallError
 
@@ -81,7 +82,8 @@ class Hypervisor:
         the hypervisor a send and us a wake-up.  A failure is logged by the
         hypervisor (xl dmesg), not raised here.
         """
-        self.sock.send(channel.encode_call(0, hypercall, cmd, args), zmq.NOBLOCK)
+        data = faultpoint.hit_nowait("hypercall.nowait", channel.encode_call(0, hypercall, cmd, args))
+        if data is not faultpoint.DROP: self.sock.send(data, zmq.NOBLOCK)
         self.drain()
 
     async def _send(self, data: bytes) -> None:

@@ -16,7 +16,6 @@ import trio
 from domains.domu.blkfront import open_vbd
 from domains.kernel import control
 from domains.kernel.boot import Kernel, boot
-from domains.kernel.xenstore import open_ring_client
 from ipc import blkif
 
 
@@ -34,9 +33,7 @@ CASES = {
 
 
 async def main(k: Kernel) -> None:
-    page = k.memory.pages[k.start_info["store_gfn"]]
-    port = k.events.adopt(k.start_info["store_evtchn"])
-    async with open_ring_client(page.map, port.notify, port.wait) as xs:
+    async with k.xenstore() as xs:
         base = f"/local/domain/{k.domid}/data/hostile"
         async with trio.open_nursery() as nursery:
             dev = await open_vbd(k, xs, nursery)

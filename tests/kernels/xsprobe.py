@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 from domains.kernel.boot import Kernel, boot
-from domains.kernel.xenstore import open_ring_client
 from ipc.xs_wire import XenStoreError
 
 
@@ -25,11 +24,9 @@ async def _outcome(coro) -> str:
 
 
 async def main(k: Kernel) -> None:
-    page = k.memory.pages[k.start_info["store_gfn"]]
-    port = k.events.adopt(k.start_info["store_evtchn"])
     home = f"/local/domain/{k.domid}"
     results: dict[str, object] = {}
-    async with open_ring_client(page.map, port.notify, port.wait) as xs:
+    async with k.xenstore() as xs:
         results["read_own_name"] = await _outcome(xs.read(f"{home}/name"))
         results["write_own_data"] = await _outcome(xs.write(f"{home}/data/x", b"1"))
         results["read_dom0"] = await _outcome(xs.read("/local/domain/0/name"))

@@ -131,6 +131,8 @@ class Devices:
         self.vbds: dict[tuple[int, int], Vbd] = {}
         self.driver_domains_seen: set[str] = set()
         self.last_detached: int | None = None
+        from domains.dom0.toolstack.vifs import VifDevices
+        self.net = VifDevices(self)            # vif = [...]: see vifs.py
 
     # -- the Toolstack hooks ------------------------------------------------------
     async def build(self, domid: int, cfg) -> None:
@@ -138,12 +140,14 @@ class Devices:
             if isinstance(spec, str):
                 spec = self._parse(spec)
             await self.attach(domid, spec)
+        await self.net.build(domid, cfg)
         if getattr(cfg, "driver_domain", False):
             if cfg.name in self.driver_domains_seen:
                 from domains.dom0.watchdog import bump
                 await bump(self.xs, cfg.name, "restarts")
             self.driver_domains_seen.add(cfg.name)
             await self.rebind(cfg.name, domid)
+            await self.net.rebind(cfg.name, domid)
 
     async def destroy(self, domid: int) -> None:
         """Remove the domain's own disks; orphan those it served (kept for rebind)."""
@@ -155,6 +159,7 @@ class Devices:
                 # Its directory goes with the driver domain's home; the frontend
                 # sees the backend vanish and waits for the rebind.
                 vbd.backend = None
+        await self.net.destroy(domid)
 
     # -- attach / detach ------------------------------------------------------------
     def _parse(self, text: str) -> DiskSpec:

@@ -1,0 +1,213 @@
+"""The xenbus side of netback: one vif's handshake, and the bridges its vifs join.
+
+In Xen
+    Linux's netback (drivers/net/xen-netback/xenbus.c) is probed for every
+    ``backend/vif/<fe>/<devid>`` directory the toolstack writes.  It
+    publishes what it offers (``feature-rx-copy``, ``feature-sg``, ...) and
+    goes to InitWait.  netfront allocates its tx and rx rings, grants them,
+    makes an event channel and writes ``tx-ring-ref``, ``rx-ring-ref``,
+    ``event-channel`` and ``request-rx-copy = 1``.  netback maps the rings,
+    binds the channel, and goes to Connected; the hotplug script has already
+    put the interface ``vif<fe>.<devid>`` on the bridge named in ``bridge``.
+    When the frontend closes (or the guest dies) netback disconnects and
+    waits for it to start over.
+
+Here
+    :class:`NetifBackend` is that handshake for one vif, as a trio task the
+    driver domain's :class:`~domains.kernel.xenbus.BackendWatcher` starts and
+    cancels.  The data path is :class:`~domains.driverdom.netback.Netback`;
+    the "hotplug script" is :class:`Bridges`, which joins the vif to the
+    software :class:`~domains.driverdom.bridge.Bridge` named by ``bridge``
+    (made on first use, default ``xenbr0``).  The handshake mirrors
+    blkback's: InitWait, connect only on the frontend's Initialised (a
+    frontend still showing Connected speaks of a ring from a previous
+    backend), Connected; when the frontend leaves, Closing and Closed, then
+    InitWait again for its next attempt.
+
+Invariant
+    Nothing the frontend writes crashes this domain.  Missing or garbage
+    ring references, an event channel that cannot be bound, or
+    ``request-rx-copy`` not 1 close this vif with an ``error`` node saying
+    why.  A frontend that breaks the ring protocol at run time (netback's
+    :attr:`~domains.driverdom.netback.Netback.error`) gets its vif
+    disconnected (state Closed, ``error`` written) and is not served again
+    until its directory is re-made; every other vif carries on.
+
+Where this differs from Xen
+    No hotplug script and no kernel interface: the bridge is in this
+    process.  One queue per vif (no ``multi-queue-*``), no split event
+    channels, no GSO/checksum offload; see netback.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from domains.driverdom.bridge import Bridge, BridgeError
+from domains.driverdom.netback import Netback
+from domains.kernel.grant_table import GrantError
+from domains.kernel.xenbus import XenbusState, read_int, read_node, read_state, switch_state, wait_until
+
+if TYPE_CHECKING:
+    from domains.kernel.boot import Kernel
+
+log = logging.getLogger("netif_backend")
+
+DEFAULT_BRIDGE = "xenbr0"
+
+
+class Bridges:
+    """The driver domain's bridges, by name; a bridge exists once a vif names it."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Bridge] = {}
+
+    def get(self, name: str) -> Bridge:
+        bridge = self.by_name.get(name)
+        if bridge is None:
+            bridge = self.by_name[name] = Bridge(name)
+            log.info("created bridge %s", name)
+        return bridge
+
+
+class VifRefused(Exception):
+    """This vif cannot be served; the message says why (it goes to ``error``)."""
+
+
+class NetifBackend:
+    """One vif's backend: ``/local/domain/<self>/backend/vif/<fe>/<devid>``."""
+
+    def __init__(self, k: "Kernel", xs, bridges: Bridges, path: str) -> None:
+        self.k = k
+        self.xs = xs
+        self.bridges = bridges
+        self.path = path
+        self.netback: Netback | None = None
+
+    async def run(self) -> None:
+        xs, path = self.xs, self.path
+        fe_path = (await read_node(xs, f"{path}/frontend") or b"").decode(errors="replace")
+        fe_id = await read_int(xs, f"{path}/frontend-id")
+        handle = await read_int(xs, f"{path}/handle", 0)
+        bridge_name = (await read_node(xs, f"{path}/bridge") or DEFAULT_BRIDGE.encode()) \
+            .decode(errors="replace").strip() or DEFAULT_BRIDGE
+        if not fe_path or fe_id is None:
+            await self._fail(f"incomplete backend directory (frontend={fe_path!r}, "
+                             f"frontend-id={fe_id!r})")
+            return
+        name = f"vif{fe_id}.{handle}"
+        for key, value in (("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
+                           ("feature-gso-tcpv4", 0), ("feature-multicast-control", 0)):
+            await xs.write(f"{path}/{key}", str(value).encode())
+        log.info("%s: %s for d%d on bridge %s", path, name, fe_id, bridge_name)
+        while True:
+            await switch_state(xs, path, XenbusState.InitWait)
+            await wait_until(xs, [f"{fe_path}/state"],
+                             self._frontend_is(fe_path, {XenbusState.Initialised}))
+            try:
+                await self._connect_and_serve(fe_path, fe_id, name, bridge_name)
+            except VifRefused as exc:
+                await self._fail(str(exc))
+                return
+            await switch_state(xs, path, XenbusState.Closing)
+            await switch_state(xs, path, XenbusState.Closed)
+            await wait_until(xs, [f"{fe_path}/state"], self._frontend_is(
+                fe_path, {XenbusState.Initialising, XenbusState.Closed, XenbusState.Unknown}))
+
+    def _frontend_is(self, fe_path: str, states: set[XenbusState]):
+        async def check():
+            return await read_state(self.xs, fe_path) in states
+        return check
+
+    async def _fail(self, why: str) -> None:
+        log.warning("%s: %s", self.path, why)
+        try:
+            await self.xs.write(f"{self.path}/error", why.encode()[:1000])
+            await switch_state(self.xs, self.path, XenbusState.Closed)
+        except OSError:
+            pass
+
+    async def _connect_and_serve(self, fe_path: str, fe_id: int, name: str,
+                                 bridge_name: str) -> None:
+        xs, k = self.xs, self.k
+        tx_ref = await read_int(xs, f"{fe_path}/tx-ring-ref")
+        rx_ref = await read_int(xs, f"{fe_path}/rx-ring-ref")
+        evtchn = await read_int(xs, f"{fe_path}/event-channel")
+        rx_copy = await read_int(xs, f"{fe_path}/request-rx-copy", 0)
+        if tx_ref is None or rx_ref is None or evtchn is None:
+            raise VifRefused(f"frontend {fe_path} is Initialised without tx-ring-ref, "
+                             f"rx-ring-ref and event-channel")
+        if rx_copy != 1:
+            raise VifRefused(f"frontend {fe_path} did not set request-rx-copy=1 "
+                             f"(page flipping is not supported)")
+        try:
+            port = await k.events.bind_interdomain(fe_id, evtchn)
+        except Exception as exc:
+            raise VifRefused(f"cannot bind event channel {evtchn} of d{fe_id}: {exc}") from None
+        nb = None
+        bridge = self.bridges.get(bridge_name)
+        attached = False
+        try:
+            try:
+                nb = await Netback.connect(k.grants, k.memory, fe_id, tx_ref, rx_ref, port,
+                                           name=name)
+            except (GrantError, Exception) as exc:
+                raise VifRefused(f"cannot map tx-ring-ref {tx_ref}/rx-ring-ref {rx_ref} "
+                                 f"of d{fe_id}: {exc}") from None
+            try:
+                bport = bridge.add_port(nb.name, nb.deliver)
+            except BridgeError as exc:
+                raise VifRefused(str(exc)) from None
+            attached = True
+            nb.on_packet = lambda frame: bridge.input(bport, frame)
+            self.netback = nb
+            async with trio.open_nursery() as nursery:
+                await nursery.start(nb.run)
+                await switch_state(xs, self.path, XenbusState.Connected)
+                log.info("%s: connected (tx-ring-ref %d, rx-ring-ref %d, port %d)",
+                         self.path, tx_ref, rx_ref, port.port)
+
+                async def watch_frontend() -> None:
+                    await wait_until(xs, [f"{fe_path}/state"], self._frontend_is(
+                        fe_path, {XenbusState.Initialising, XenbusState.Closing,
+                                  XenbusState.Closed, XenbusState.Unknown}))
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(watch_frontend)
+                # nb.run is a child: it returns when the vif is closed or the
+                # frontend broke the protocol.
+                await _stopped(nb)
+                nursery.cancel_scope.cancel()
+            if nb.error is not None:
+                raise VifRefused(f"disconnected: {nb.error}")
+        finally:
+            with trio.CancelScope(shield=True):
+                self.netback = None
+                if attached:
+                    try:
+                        bridge.remove_port(name)
+                    except BridgeError:
+                        pass
+                if nb is not None:
+                    try:
+                        await nb.close()
+                    except Exception:
+                        log.debug("%s: closing netback failed", self.path, exc_info=True)
+                try:
+                    await port.close()
+                except Exception:
+                    pass
+
+
+async def _stopped(nb: Netback) -> None:
+    await nb._stopped.wait()
+
+
+async def serve(k: "Kernel", xs, bridges: Bridges, path: str) -> None:
+    """The BackendWatcher entry: serve one vif until its directory goes."""
+    await NetifBackend(k, xs, bridges, path).run()
+
+
+__all__ = ["Bridges", "NetifBackend", "serve", "DEFAULT_BRIDGE"]

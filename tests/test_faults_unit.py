@@ -1,0 +1,97 @@
+"""Unit tests of the fault-injection pieces that need no running system:
+fault specs, reproducible firing decisions, point actions, the catalogue, the report."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import trio
+
+from domains.dom0.faults import report
+from domains.dom0.faults.catalogue import CATALOGUE, KINDS, describe, lookup
+from domains.kernel import faultpoint
+from ipc import blkif
+
+
+def test_spec_parsing_and_errors() -> None:
+    f = faultpoint.parse_spec("f1", "point=blkback.response action=delay delay=0.01 duration=2 seed=3")
+    assert (f.point, f.action, f.delay, f.duration, f.seed) == ("blkback.response", "delay", 0.01, 2.0, 3)
+    for bad, word in (("action=delay", "point"), ("point=x action=melt", "melt"),
+                      ("point=x action=drop prob=2", "prob"), ("point=x action=drop colour=red", "colour"),
+                      ("point=x action=drop count=lots", "count"), ("point=agent action=drop", "agent")):
+        with pytest.raises(faultpoint.SpecError, match=word):
+            faultpoint.parse_spec("f", bad)
+
+
+def test_decisions_are_reproducible_from_the_seed() -> None:
+    def run(seed: int) -> list[bool]:
+        f = faultpoint.parse_spec("f", f"point=p action=drop prob=0.3 seed={seed}")
+        return [f.decide() for _ in range(200)]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+    assert 20 < sum(run(7)) < 100
+
+
+def test_count_limits_firing() -> None:
+    f = faultpoint.parse_spec("f", "point=p action=drop count=3")
+    assert [f.decide() for _ in range(5)] == [True, True, True, False, False]
+    assert f.over
+
+
+def test_points_do_nothing_unarmed_and_act_when_armed() -> None:
+    rsp = blkif.BlkifResponse(5, blkif.BLKIF_OP_READ, blkif.BLKIF_RSP_OKAY)
+
+    async def main() -> None:
+        assert await faultpoint.hit("blkback.response", rsp) is rsp
+        faultpoint.arm(faultpoint.parse_spec("a", "point=blkback.response action=corrupt-status count=1 seed=1"))
+        bad = await faultpoint.hit("blkback.response", rsp)
+        assert bad.id == 5 and bad.status != blkif.BLKIF_RSP_OKAY
+        assert await faultpoint.hit("blkback.response", rsp) is rsp     # count spent
+        faultpoint.disarm("blkback.response")
+        faultpoint.arm(faultpoint.parse_spec("b", "point=blkback.request action=oops"))
+        with pytest.raises(faultpoint.InjectedFault):
+            await faultpoint.hit("blkback.request")
+        faultpoint.disarm("blkback.request")
+        faultpoint.arm(faultpoint.parse_spec("c", "point=blkback.write action=skip count=1"))
+        assert faultpoint.hit_nowait("blkback.write") is faultpoint.DROP
+        assert faultpoint.hit_nowait("blkback.write") is None
+        faultpoint.disarm("blkback.write")
+        raw = blkif.BlkifRequest(blkif.BLKIF_OP_READ, 9, 0, 0, (blkif.Segment(20, 0, 7),)).pack()
+        faultpoint.arm(faultpoint.parse_spec("d", "point=blkfront.request action=garbage seed=2"))
+        junk = faultpoint.hit_nowait("blkfront.request", raw)
+        assert junk != raw and junk[8:16] == raw[8:16]      # the id survives
+        faultpoint.disarm("blkfront.request")
+    trio.run(main)
+
+
+def test_catalogue_covers_every_kind_and_looks_up() -> None:
+    assert set(KINDS) == {"crash", "hang", "slow", "corrupt", "events", "control", "resources"}
+    assert lookup("crash").mode == "sigkill"
+    assert lookup("hang/spin").point == "blkback.request"
+    with pytest.raises(KeyError, match="kinds:"):
+        lookup("melt")
+    with pytest.raises(KeyError, match="modes:"):
+        lookup("crash", "gently")
+    text = describe()
+    for t in CATALOGUE:
+        assert t.name in text
+        if t.how == "point":
+            faultpoint.parse_spec("x", f"point={t.point} action={t.action}")   # every spec is armable
+
+
+def test_report_figures_and_png() -> None:
+    records = [{"kind": "slow", "fault": "slow/response", "outcome": "recovered_transparently",
+                "recovery_ms": float(ms)} for ms in range(1, 101)]
+    records.append({"kind": "crash", "fault": "crash/sigkill", "outcome": "unrecovered",
+                    "recovery_ms": None})
+    s = report.summarise(records, {"lost_writes": 0}, 60.0, {"seed": 1})
+    assert s["faults_injected"] == 101 and s["unrecovered"] == 1 and not s["passed"]
+    assert s["recovery_ms"]["max"] == 100 and 50 <= s["recovery_ms"]["p50"] <= 51
+    assert s["per_kind"] == {"slow": 100, "crash": 1}
+    png = report.plot(records)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    w, h = struct.unpack(">II", png[16:24])
+    n = struct.unpack(">I", png[33:37])[0]
+    assert png[37:41] == b"IDAT" and len(zlib.decompress(png[41:41 + n])) == h * (1 + 3 * w)
