@@ -103,10 +103,10 @@ class Hypervisor:
                 data = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
-            if msg[0] == channel.UPCALL:
+            if data == channel.UPCALL_MESSAGE:   # the common case: skip the decoder
                 self.on_upcall()
                 continue
+            msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
             _, req_id, err, result = msg[:4]
             pending = self._pending.get(req_id)
             fds = fdpass.recv_fds(self.fdsock, req_id, msg[4]) if len(msg) > 4 else []
