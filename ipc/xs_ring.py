@@ -40,15 +40,15 @@ Invariant
 Differences from Xen
     C code uses explicit memory barriers between data and index updates.
     Python has none; we rely on x86-64's store ordering (stores become
-    visible in program order), on each index being written by one aligned
-    4-byte ``struct.pack_into`` and on every write of ours happening in
-    program order.  On a weakly ordered CPU this module would need real
+    visible in program order), on each index being read and written as one
+    aligned native 4-byte word (a memoryview cast to "I": struct's "<I"
+    moves bytes one at a time, and the peer could see half an index), and
+    on every write of ours happening in program order.  On a weakly ordered CPU this module would need real
     barriers (e.g. a tiny C helper).
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Awaitable, Callable
 
 import trio
@@ -86,7 +86,6 @@ XENSTORE_ERROR_COMM = 1
 XENSTORE_ERROR_RINGIDX = 2
 XENSTORE_ERROR_PROTO = 3
 
-_u32 = struct.Struct("<I")
 
 Notify = Callable[[], Awaitable[None]]
 Wait = Callable[[], Awaitable[None]]
@@ -99,7 +98,7 @@ class RingIndexError(RuntimeError):
 class XenstoreRing:
     """``struct xenstore_domain_interface`` over a shared, writable buffer."""
 
-    __slots__ = ("_mv",)
+    __slots__ = ("_mv", "_words")
 
     def __init__(self, buf) -> None:
         mv = memoryview(buf)
@@ -110,9 +109,13 @@ class XenstoreRing:
                 f"xs_ring: buffer of {mv.nbytes} bytes is smaller than "
                 f"struct xenstore_domain_interface ({STRUCT_SIZE} bytes)")
         self._mv = mv.cast("B")
+        # The indices as native u32s: one aligned load or store each, so the peer
+        # never sees a half-written index (struct's "<I" goes byte by byte).
+        self._words = self._mv[REQ_CONS_OFF:ERROR_OFF + 4].cast("I")
 
     def release(self) -> None:
-        """Drop our view so the underlying mmap can be closed."""
+        """Drop our views so the underlying mmap can be closed."""
+        self._words.release()
         self._mv.release()
 
     def __enter__(self) -> "XenstoreRing":
@@ -123,10 +126,10 @@ class XenstoreRing:
 
     # -- the u32 words ---------------------------------------------------
     def _get(self, off: int) -> int:
-        return _u32.unpack_from(self._mv, off)[0]
+        return self._words[(off - REQ_CONS_OFF) >> 2]
 
     def _set(self, off: int, value: int) -> None:
-        _u32.pack_into(self._mv, off, value & _U32)
+        self._words[(off - REQ_CONS_OFF) >> 2] = value & _U32
 
     req_cons = property(lambda s: s._get(REQ_CONS_OFF),
                         lambda s, v: s._set(REQ_CONS_OFF, v))
