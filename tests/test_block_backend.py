@@ -171,6 +171,9 @@ def test_flush_and_barrier_are_answered_after_fdatasync(tmp_path, monkeypatch):
     monkeypatch.setattr(blkback.os, "fdatasync", lambda fd: events.append("fdatasync"))
     monkeypatch.setattr(blkback.os, "pwrite", lambda fd, d, off: (events.append("write"),
                                                                    real_pwrite(fd, d, off))[1])
+    real_pwritev = os.pwritev      # blkback writes a whole request with one pwritev
+    monkeypatch.setattr(blkback.os, "pwritev", lambda fd, bufs, off: (events.append("write"),
+                                                                       real_pwritev(fd, bufs, off))[1])
 
     async def main():
         r = await conn.handle(req(blkif.BLKIF_OP_WRITE, 1, 0, [(10, 0, 7)]))

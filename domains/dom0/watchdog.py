@@ -131,17 +131,11 @@ class Watchdog:
         log.warning("driver domain %s (d%d) is hung: %s", cfg.name, domid, why)
         await ts.k.printk(f"watchdog: d{domid} ({cfg.name}) hung ({why}) -> {cfg.on_crash}")
         self.seen.pop(domid, None)
-        await ts._teardown(domid)
         await bump(self.xs, cfg.name, "hangs")
         if cfg.on_crash in RESTART_ACTIONS:
-            from domains.dom0.toolstack.libxl import ToolstackError
-            try:
-                new = await ts.create(cfg)
-            except ToolstackError as exc:
-                log.error("restarting %s failed: %s", cfg.name, exc)
-                return
-            if new in ts.records:
-                ts.records[new].restarts = record.restarts + 1
+            await ts.restart(domid)       # destroys the hung one before building anew
+        else:
+            await ts._teardown(domid)
 
 
 async def bump(xs, name: str, counter: str) -> int:

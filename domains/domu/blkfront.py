@@ -33,6 +33,14 @@ Here
     ring and grants, switch to Initialising, wait for a backend in InitWait,
     connect again and replay ``inflight`` in issue order.
 
+The data path
+    Issuing takes a free ring slot without yielding to the scheduler when one
+    is free, encodes the request with one ``struct`` call, and publishes it;
+    an event is sent only if the backend asked for one (ring.h's hold-off),
+    so while blkback is busy a stream of requests costs no notification.  A
+    write's chunks are views of one private copy of the caller's data; a
+    read's pages are copied straight into the caller's result buffer.
+
 Grants
     Two modes (``persistent=``): with *persistent grants* (the default, and
     ``feature-persistent`` in XenStore) each data page is granted to the
@@ -59,13 +67,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import trio
 
 from domains.kernel import faultpoint
-from domains.kernel.xenbus import FrontendDevice, XenbusState, read_int, read_state, wait_until
+from domains.kernel.xenbus import (FrontendDevice, XenbusState, peer_gone, read_int, read_state,
+                                   still_waiting, wait_until)
 from ipc import blkif
 from ipc.page import PAGE_SIZE
 from ipc.ring import FrontRing, RingCorruptError, ring_size
@@ -81,6 +91,17 @@ SEGS = blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST
 #: How long the frontend waits on a silent event channel before asking the
 #: hypervisor whether the backend's end is still bound.
 STALL_CHECK = 1.0
+#: Bound on each step of giving back a dead connection (a lost reply must not
+#: keep the device from reaching the next backend; the worst case is a leaked page).
+CLEANUP_TIMEOUT = 2.0
+#: Pause before trying again after a handshake step failed (a backend that died
+#: mid-handshake, a refused hypercall): a retry, never a wait for something.
+RETRY_DELAY = 0.05
+#: ``struct blkif_request`` with n segments, padded to the full slot: one
+#: struct.pack per request instead of an object per segment (the hot path).
+_REQUEST_LAYOUT = [struct.Struct("<BBH4xQQ" + "IBBxx" * n + f"{(SEGS - n) * 8}x")
+                   for n in range(SEGS + 1)]
+assert all(layout.size == blkif.REQUEST_SIZE for layout in _REQUEST_LAYOUT)
 #: Requests one single-page ring holds (32 for blkif's 112-byte entries).
 RING_SLOTS = ring_size(PAGE_SIZE, blkif.ENTRY_SIZE)
 
@@ -94,7 +115,7 @@ class _Req:
     op: int
     sector: int
     nsect: int
-    data: bytes | None = None             # private copy of the data to write
+    data: bytes | memoryview | None = None   # private copy of the data to write
     discard_count: int = 0
     seq: int = 0
     pages: list = field(default_factory=list)
@@ -103,6 +124,7 @@ class _Req:
     result: bytes = b""
     raw: Callable[[int], bytes] | None = None   # tests: build the slot bytes from an id
     grefs: list[int] = field(default_factory=list)   # per-request grants of this connection
+    dest: memoryview | None = None        # a read's data goes here (the caller's buffer)
 
 
 class _Conn:
@@ -159,13 +181,13 @@ class BlkFront:
     async def read(self, sector: int, count: int) -> bytes:
         """Read ``count`` sectors from ``sector``."""
         self._check(sector, count)
-        chunks = self._split(sector, count)
-        results: list[bytes] = [b""] * len(chunks)
-
-        async def one(i: int, s: int, n: int) -> None:
-            results[i] = await self._issue(_Req(blkif.BLKIF_OP_READ, s, n))
-        await self._all([(one, i, s, n) for i, (s, n) in enumerate(chunks)])
-        return b"".join(results)
+        # Each request copies its pages straight into its part of one buffer.
+        buf = bytearray(count * SECTOR)
+        view = memoryview(buf)
+        await self._all([(self._issue, _Req(blkif.BLKIF_OP_READ, s, n,
+                                            dest=view[(s - sector) * SECTOR:(s - sector + n) * SECTOR]))
+                         for s, n in self._split(sector, count)])
+        return bytes(buf)
 
     async def write(self, sector: int, data: bytes) -> None:
         """Write ``data`` (a whole number of sectors) at ``sector``."""
@@ -175,14 +197,14 @@ class BlkFront:
         if self.readonly:
             raise BlockIOError(30, f"{self.dev.nodename} is read-only")
         self._check(sector, len(data) // SECTOR)
-        data = bytes(data)
+        data = memoryview(bytes(data))     # our own immutable copy; chunks are views of it
         jobs = []
         for s, n in self._split(sector, len(data) // SECTOR):
             off = (s - sector) * SECTOR
             jobs.append((self._write_one, s, n, data[off:off + n * SECTOR]))
         await self._all(jobs)
 
-    async def _write_one(self, s: int, n: int, chunk: bytes) -> None:
+    async def _write_one(self, s: int, n: int, chunk: bytes | memoryview) -> None:
         await self._issue(_Req(blkif.BLKIF_OP_WRITE, s, n, chunk))
 
     async def flush(self) -> None:
@@ -227,9 +249,19 @@ class BlkFront:
 
     # -- issuing ------------------------------------------------------------------
     async def _issue(self, req: _Req) -> bytes:
-        async with self._slots:
+        slots = self._slots
+        try:                        # the common case takes a free slot without a
+            slots.acquire_nowait()  # trip through the scheduler
+        except trio.WouldBlock:
+            await slots.acquire()
+        try:
             npages = -(-req.nsect * SECTOR // PAGE_SIZE) if req.raw is None else 0
-            req.pages = await self._take_pages(npages)
+            free = self._free_pages
+            while len(free) < npages:
+                free.extend(await self.k.memory.alloc(npages - len(free)))
+            if npages:
+                req.pages = free[-npages:]
+                del free[-npages:]
             req.seq = next(self._seq)
             self.inflight[req.seq] = req
             self.stats["requests"] += 1
@@ -243,6 +275,8 @@ class BlkFront:
                 self.inflight.pop(req.seq, None)
                 self._free_pages.extend(req.pages)
                 req.pages = []
+        finally:
+            slots.release()
         if req.raw is not None:
             return b""
         if req.status != blkif.BLKIF_RSP_OKAY:
@@ -251,13 +285,6 @@ class BlkFront:
                                   f"{req.sector + max(req.nsect, req.discard_count) - 1} "
                                   f"failed (status {req.status})")
         return req.result
-
-    async def _take_pages(self, n: int) -> list:
-        if len(self._free_pages) < n:
-            self._free_pages.extend(await self.k.memory.alloc(n - len(self._free_pages)))
-        pages = self._free_pages[-n:] if n else []
-        del self._free_pages[len(self._free_pages) - n:]
-        return pages
 
     def _put(self, conn: _Conn, req: _Req) -> None:
         """Put one request on the ring (synchronous: no other task runs meanwhile)."""
@@ -269,23 +296,26 @@ class BlkFront:
         if req.op == blkif.BLKIF_OP_DISCARD:
             conn.ring.put_request(blkif.BlkifRequestDiscard(rid, req.sector, req.discard_count).pack())
             return
-        segs = []
+        fields = [req.op, len(req.pages), 0, rid, req.sector]
         left = req.nsect
         writing = req.op != blkif.BLKIF_OP_READ
+        data = req.data if writing else None
+        pgrants = conn.pgrants
         for i, page in enumerate(req.pages):
             n = min(left, PAGE_SIZE // SECTOR)
             left -= n
-            if writing and req.data is not None:
-                page.map[0:n * SECTOR] = req.data[i * PAGE_SIZE:i * PAGE_SIZE + n * SECTOR]
+            if data is not None:
+                page.map[0:n * SECTOR] = data[i * PAGE_SIZE:i * PAGE_SIZE + n * SECTOR]
             if conn.persistent:
-                gref = conn.pgrants.get(page.gfn)
+                gref = pgrants.get(page.gfn)
                 if gref is None:
-                    gref = conn.pgrants[page.gfn] = self.k.grants.grant_access(conn.be_id, page.gfn)
+                    gref = pgrants[page.gfn] = self.k.grants.grant_access(conn.be_id, page.gfn)
             else:
                 gref = self.k.grants.grant_access(conn.be_id, page.gfn, readonly=writing)
                 req.grefs.append(gref)
-            segs.append(blkif.Segment(gref, 0, n - 1))
-        conn.ring.put_request(faultpoint.hit_nowait("blkfront.request", blkif.BlkifRequest(req.op, rid, req.sector, 0, tuple(segs)).pack()))
+            fields += (gref, 0, n - 1)          # one blkif_request_segment
+        raw = _REQUEST_LAYOUT[len(req.pages)].pack(*fields)
+        conn.ring.put_request(faultpoint.hit_nowait("blkfront.request", raw))
 
     def _push(self, conn: _Conn) -> None:
         if conn.ring.push_requests_and_check_notify():
@@ -302,7 +332,14 @@ class BlkFront:
         conn.free_ids.append(rsp.id)
         faultpoint.count("io.complete", rsp.status)
         self._end_grants(req)
-        if req.op == blkif.BLKIF_OP_READ and req.raw is None and rsp.status == blkif.BLKIF_RSP_OKAY:
+        if req.dest is not None and rsp.status == blkif.BLKIF_RSP_OKAY:
+            dest, off, left = req.dest, 0, req.nsect * SECTOR
+            for page in req.pages:
+                n = min(left, PAGE_SIZE)
+                dest[off:off + n] = page.map if n == PAGE_SIZE else page.map[:n]
+                off += n
+                left -= n
+        elif req.op == blkif.BLKIF_OP_READ and req.raw is None and rsp.status == blkif.BLKIF_RSP_OKAY:
             out = bytearray()
             left = req.nsect * SECTOR
             for page in req.pages:
@@ -322,7 +359,15 @@ class BlkFront:
     # -- the connection loop ----------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            conn = await self._connect()
+            try:
+                conn = await self._connect()
+            except Exception as exc:
+                # A backend that died mid-handshake makes our hypercalls naming it
+                # (grant, alloc_unbound) or our XenStore reads fail: start over.
+                log.warning("%s: connecting failed (%s: %s); starting over",
+                            self.dev.nodename, type(exc).__name__, exc)
+                await trio.sleep(RETRY_DELAY)
+                continue
             if conn is None:
                 continue
             try:
@@ -348,14 +393,26 @@ class BlkFront:
         port = await k.events.alloc_unbound(be_id)
         conn = _Conn(be_path, be_id, page, ring_ref, ring, port, persistent)
 
-        async def publish(t) -> None:
+        async def publish(t) -> bool:
+            # Publish only for the backend we set up for, and only while it
+            # waits for us: a stale Initialised (refs granted to a backend that
+            # has since gone) would be read by the next backend as ours.
+            # Reading both nodes inside the transaction makes a concurrent
+            # rebind conflict with it, so the check holds at commit.
+            if not await still_waiting(t, dev.nodename, be_path):
+                return False
             await t.write(f"{dev.nodename}/ring-ref", str(ring_ref))
             await t.write(f"{dev.nodename}/event-channel", str(port.port))
             await t.write(f"{dev.nodename}/protocol", "x86_64-abi")
             await t.write(f"{dev.nodename}/feature-persistent", "1" if persistent else "0")
             await t.write(f"{dev.nodename}/state", str(int(XenbusState.Initialised)))
+            return True
         try:
-            await xs.run_transaction(publish)
+            if not await xs.run_transaction(publish):
+                log.info("%s: backend %s stopped waiting before we published; starting over",
+                         dev.nodename, be_path)
+                await self._disconnect(conn)
+                return None
 
             async def backend_answered():
                 if await dev.backend_path() != be_path:
@@ -400,35 +457,34 @@ class BlkFront:
         return conn
 
     async def _responses(self, conn: _Conn) -> None:
+        """Take responses until the connection is lost.
+
+        Every look at the shared ring may find a producer index the backend
+        could not truthfully have written; that is the backend going away
+        (reconnect and replay), never an exception out of the guest.
+        """
+        try:
+            await self._take_responses(conn)
+        except (RingCorruptError, blkif.BlkifError) as exc:
+            log.warning("%s: backend broke the ring (%s); reconnecting", self.dev.nodename, exc)
+            conn.lost.set()
+
+    async def _take_responses(self, conn: _Conn) -> None:
         ring, port = conn.ring, conn.port
         while True:
-            try:
-                got = ring.responses()
-            except RingCorruptError as exc:
-                log.warning("%s: %s; reconnecting", self.dev.nodename, exc)
-                conn.lost.set()
-                return
+            got = ring.responses()
             for raw in got:
                 self._complete(conn, blkif.BlkifResponse.unpack(raw))
-            if got:
+            if got or ring.final_check_for_responses():
                 continue
-            try:
-                if ring.final_check_for_responses():
-                    continue
-            except RingCorruptError:
-                conn.lost.set()
-                return
             woke = False
             with trio.move_on_after(STALL_CHECK):
                 await port.wait()
                 woke = True
             if (woke or conn.shadow) and ring.unconsumed_responses() == 0:
-                # Nothing to read: was it the hypervisor telling us the peer died?
-                try:
-                    alive = await port.peer_alive()
-                except Exception:
-                    alive = False
-                if not alive:
+                # A wake with nothing to read is what the hypervisor does when
+                # the peer's end dies: ask whether it is still bound.
+                if await peer_gone(port, self.dev.nodename):
                     log.info("%s: backend's event channel is gone", self.dev.nodename)
                     conn.lost.set()
                     return
@@ -466,20 +522,23 @@ class BlkFront:
             if not self.k.grants.end_access(gref):
                 log.warning("grant %d still mapped by the backend; leaking it", gref)
         conn.pgrants.clear()
-        try:
-            await self.dev.switch_state(XenbusState.Initialising)
-        except OSError:
-            pass
-        try:
-            await conn.port.close()
-        except Exception:
-            pass
-        conn.ring.release()
-        if self.k.grants.end_access(conn.ring_ref):
+        with trio.move_on_after(CLEANUP_TIMEOUT):
             try:
-                await self.k.memory.free([conn.ring_page])
+                await self.dev.switch_state(XenbusState.Initialising)
+            except OSError:
+                pass
+        with trio.move_on_after(CLEANUP_TIMEOUT):
+            try:
+                await conn.port.close()
             except Exception:
                 pass
+        conn.ring.release()
+        if self.k.grants.end_access(conn.ring_ref):
+            with trio.move_on_after(CLEANUP_TIMEOUT):
+                try:
+                    await self.k.memory.free([conn.ring_page])
+                except Exception:
+                    pass
         else:
             log.warning("ring grant %d still mapped; leaking the ring page", conn.ring_ref)
 

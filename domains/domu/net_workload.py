@@ -60,6 +60,7 @@ from collections import deque
 import trio
 
 from domains.domu.netif_frontend import open_vif
+from domains.kernel import faultpoint
 from domains.domu.netstack import NetStack
 
 _HEAD = struct.Struct("<8sIQ")       # magic, sender domid, sequence number
@@ -218,6 +219,7 @@ async def run(k, xs, console, udp: bool = True, prefix: str = "") -> None:
             while True:
                 data, _addr = await sock.recvfrom()
                 if checker.check(data):
+                    faultpoint.count("net.rx")      # for dom0's fault-campaign probes
                     counters["udp_rx"] = checker.received
                     counters["udp_rx_bytes"] += len(data)
                     counters["ops"] += 1

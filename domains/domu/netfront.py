@@ -75,7 +75,11 @@ import trio
 from ipc.netif import (NETIF_RSP_OKAY, NETRXF_more_data, NETTXF_more_data, PAGE_SIZE,
                        RX_ENTRY_SIZE, TX_ENTRY_SIZE, NetifError, NetifRxRequest,
                        NetifRxResponse, NetifTxRequest, NetifTxResponse)
+from domains.kernel.grant_table import GrantError
 from ipc.ring import FrontRing, RingError
+
+#: How often a blocked send looks again for a free grant reference (seconds).
+GRANT_RETRY = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +179,9 @@ class Netfront:
         self._rx_parked: list[int] = []             # pages held back while the queue is full
         self._rx_ready = trio.Event()
         self._connected = trio.Event()
+        #: Set when a backend breaks the ring protocol; whoever runs the
+        #: handshake (netif_frontend) then reconnects to a backend.
+        self.broken = trio.Event()
         self._leaked: list[int] = []                # grant refs to retry end_access on
 
     # -- set-up --------------------------------------------------------------------
@@ -231,6 +238,7 @@ class Netfront:
         if conn.port is not None:
             raise NetfrontError("netfront is already connected")
         conn.port = port
+        self.broken = trio.Event()
         self._rx_parked = []
         for i in range(len(self.rx_pages)):
             self._post_rx(conn, i)
@@ -256,6 +264,7 @@ class Netfront:
                     self.stats.refuse(f"backend d{conn.backend}: {exc}")
                     log.warning("netfront: backend d%d broke the protocol: %s", conn.backend, exc)
                     self._connected = trio.Event()
+                    self.broken.set()
 
     async def _serve(self, conn: _Connection) -> None:
         assert conn.port is not None
@@ -299,7 +308,11 @@ class Netfront:
             space = self._tx_space
             if space.is_set():
                 space = self._tx_space = trio.Event()
-            await space.wait()
+            # Bounded: slots free up with responses, but grant references that
+            # someone else exhausted come back without telling us.
+            with trio.move_on_after(GRANT_RETRY):
+                await space.wait()
+            self._repost_parked(conn)
 
     #: Packets kept while disconnected before send() starts waiting for a backend.
     REPLAY_MAX = 1024
@@ -316,8 +329,8 @@ class Netfront:
     def _start_tx(self, conn: _Connection, pkt: _TxPacket) -> bool:
         frame = pkt.frame
         need = max(1, -(-len(frame) // PAGE_SIZE))
-        if len(self._tx_free) < need:
-            return False
+        if len(self._tx_free) < need or getattr(self.grants, "free_count", need) < need:
+            return False   # no slot, or no grant reference left: wait, never fail the send
         pkt.ids = [self._tx_free.pop() for _ in range(need)]
         pkt.pending = need
         pkt.status = NETIF_RSP_OKAY
@@ -381,7 +394,11 @@ class Netfront:
     # -- rx ----------------------------------------------------------------------------
     def _post_rx(self, conn: _Connection, rx_id: int) -> None:
         page = self.rx_pages[rx_id]
-        ref = self.grants.grant_access(conn.backend, page.gfn)
+        try:
+            ref = self.grants.grant_access(conn.backend, page.gfn)
+        except GrantError:
+            self._rx_parked.append(rx_id)   # no grant reference free: post it later
+            return
         self._rx_gref[rx_id] = ref
         conn.rx.put_request(NetifRxRequest(rx_id, ref).pack())
 
@@ -448,13 +465,15 @@ class Netfront:
         if not self._rx_queue:
             raise trio.WouldBlock
         frame = self._rx_queue.popleft()
-        conn = self.conn
+        self._repost_parked(self.conn)
+        return frame
+
+    def _repost_parked(self, conn: _Connection | None) -> None:
         if self._rx_parked and conn is not None and conn.port is not None:
             parked, self._rx_parked = self._rx_parked, []
             for rx_id in parked:
                 self._post_rx(conn, rx_id)
             self._push_rx(conn)
-        return frame
 
     # -- reconnection and tear-down --------------------------------------------------
     def _end(self, ref: int) -> None:

@@ -23,9 +23,14 @@ Here
 
     The backend is considered gone when any of these is seen: its ``state``
     leaves Connected (or its directory vanished with its domain), the
-    frontend's ``backend`` node names another backend, or the event channel's
-    far end is no longer bound (checked every :data:`PEER_CHECK` seconds:
-    the hypervisor unbinds a dead domain's channels).
+    frontend's ``backend`` node names another backend, the event channel's
+    far end is no longer bound (the hypervisor unbinds a dead domain's
+    channels and raises the survivor's port: a wake that brings no response
+    on either ring is followed at once by a status check, and a check runs
+    every :data:`PEER_CHECK` seconds regardless), or the backend broke the
+    ring protocol (a producer index past the ring: netfront stops trusting
+    it and we reconnect).  Only the hypervisor saying "not bound" counts: a
+    status question that fails or goes unanswered keeps the connection.
 
     The guest's address: there is no DHCP here, so the guest reads the
     ``ip`` node the toolstack wrote in the backend directory (``xl.cfg``'s
@@ -50,16 +55,20 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from domains.domu.blkfront import CLEANUP_TIMEOUT, RETRY_DELAY
 from domains.domu.netfront import Netfront
-from domains.kernel.xenbus import FrontendDevice, XenbusState, read_node, read_state, wait_until
+from domains.kernel.xenbus import (FrontendDevice, XenbusState, peer_gone, read_node, read_state,
+                                   still_waiting, wait_until)
+from ipc.ring import RingError
 
 if TYPE_CHECKING:
     from domains.kernel.boot import Kernel
 
 log = logging.getLogger("netif_frontend")
 
-#: How often a connected frontend asks whether the backend's channel end is still bound.
-PEER_CHECK = 0.5
+#: How often a connected frontend asks whether the backend's channel end is still
+#: bound even when no wake made it suspicious (a fallback: death raises the port).
+PEER_CHECK = 1.0
 DEFAULT_PREFIX = 24
 
 
@@ -104,11 +113,20 @@ class NetifFrontend:
     # -- the connection loop ---------------------------------------------------------
     async def _run(self, nursery: trio.Nursery) -> None:
         while True:
-            port = await self._connect(nursery)
+            try:
+                port = await self._connect(nursery)
+            except Exception as exc:
+                # A backend that died mid-handshake makes our hypercalls naming
+                # it, or our XenStore reads, fail: start over.
+                log.warning("%s: connecting failed (%s: %s); starting over",
+                            self.dev.nodename, type(exc).__name__, exc)
+                await trio.sleep(RETRY_DELAY)
+                continue
             if port is None:
                 continue
             try:
-                why = await self._watch(port)
+                why = await self._watch(port.inner if isinstance(port, _WatchedPort) else port,
+                                        port)
                 log.info("%s: lost backend %s: %s", self.dev.nodename, self.backend_path, why)
             finally:
                 with trio.CancelScope(shield=True):
@@ -125,18 +143,27 @@ class NetifFrontend:
         else:
             await self.nf.prepare(be_id)
         nf = self.nf
-        port = await k.events.alloc_unbound(be_id)
+        port = _WatchedPort(await k.events.alloc_unbound(be_id), nf)
         self.backend_path = be_path
 
-        async def publish(t) -> None:
+        async def publish(t) -> bool:
+            # Only for the backend we set up for, while it still waits for us
+            # (see blkfront: a stale Initialised would mislead the next backend).
+            if not await still_waiting(t, dev.nodename, be_path):
+                return False
             await t.write(f"{dev.nodename}/tx-ring-ref", str(nf.tx_ring_ref))
             await t.write(f"{dev.nodename}/rx-ring-ref", str(nf.rx_ring_ref))
             await t.write(f"{dev.nodename}/event-channel", str(port.port))
             await t.write(f"{dev.nodename}/request-rx-copy", "1")
             await t.write(f"{dev.nodename}/feature-rx-notify", "1")
             await t.write(f"{dev.nodename}/state", str(int(XenbusState.Initialised)))
+            return True
         try:
-            await xs.run_transaction(publish)
+            if not await xs.run_transaction(publish):
+                log.info("%s: backend %s stopped waiting before we published; starting over",
+                         dev.nodename, be_path)
+                await self._disconnect(port)
+                return None
 
             async def backend_answered():
                 if await dev.backend_path() != be_path:
@@ -180,7 +207,7 @@ class NetifFrontend:
                 self.ip, self.prefix_len = str(iface.ip), iface.network.prefixlen
                 return
 
-    async def _watch(self, port) -> str:
+    async def _watch(self, port, watched: "_WatchedPort") -> str:
         dev, be_path = self.dev, self.backend_path
         result: list[str] = []
         async with trio.open_nursery() as nursery:
@@ -196,19 +223,24 @@ class NetifFrontend:
                     self.xs, [f"{be_path}/state", f"{dev.nodename}/backend"], gone))
                 nursery.cancel_scope.cancel()
 
-            async def peer_gone() -> None:
+            async def channel_gone() -> None:
                 while True:
-                    await trio.sleep(PEER_CHECK)
-                    try:
-                        alive = await port.peer_alive()
-                    except Exception:
-                        alive = False
-                    if not alive:
+                    with trio.move_on_after(PEER_CHECK):
+                        await watched.suspect.wait()
+                    watched.suspect = trio.Event()
+                    if await peer_gone(port, dev.nodename):
                         result.append("backend's event channel is gone")
                         nursery.cancel_scope.cancel()
                         return
+
+            async def ring_broken() -> None:
+                if self.nf is not None:
+                    await self.nf.broken.wait()
+                    result.append("backend broke the ring protocol")
+                    nursery.cancel_scope.cancel()
             nursery.start_soon(state_gone)
-            nursery.start_soon(peer_gone)
+            nursery.start_soon(channel_gone)
+            nursery.start_soon(ring_broken)
         return result[0] if result else "cancelled"
 
     async def _disconnect(self, port) -> None:
@@ -220,14 +252,49 @@ class NetifFrontend:
                 await self.nf.disconnect()
             except Exception:
                 log.exception("%s: netfront disconnect failed", self.dev.nodename)
+        with trio.move_on_after(CLEANUP_TIMEOUT):
+            try:
+                await self.dev.switch_state(XenbusState.Initialising)
+            except OSError:
+                pass
+        with trio.move_on_after(CLEANUP_TIMEOUT):
+            try:
+                await port.close()
+            except Exception:
+                pass
+
+
+class _WatchedPort:
+    """The vif's event channel as netfront uses it, reporting empty wakes.
+
+    netfront's service task owns ``wait()``.  When a wake brings no response
+    on either ring, it was not the backend answering: most likely the
+    hypervisor raising our port because the backend's end died.  ``suspect``
+    is then set, and the watcher asks the hypervisor at once, off the data
+    path.  Everything else is the plain :class:`~domains.kernel.events.Port`.
+    """
+
+    def __init__(self, inner, nf: Netfront) -> None:
+        self.inner = inner
+        self.nf = nf
+        self.suspect = trio.Event()
+
+    async def wait(self) -> None:
+        await self.inner.wait()
+        conn = self.nf.conn
         try:
-            await self.dev.switch_state(XenbusState.Initialising)
-        except OSError:
-            pass
-        try:
-            await port.close()
-        except Exception:
-            pass
+            empty = conn is None or not (conn.tx.unconsumed_responses()
+                                         or conn.rx.unconsumed_responses())
+        except RingError:
+            empty = False           # netfront will find the broken ring itself
+        if empty:
+            self.suspect.set()
+
+    def notify_nowait(self) -> None:
+        self.inner.notify_nowait()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 async def open_vif(k: "Kernel", xs, nursery: trio.Nursery, devid: int | str | None = None,

@@ -18,9 +18,17 @@ Here
     it: a driver domain whose heartbeat stops is hung, even if its process is
     alive, and is restarted like a crashed one.
 
+    Each device is *supervised* by its BackendWatcher (xenbus.py): a backend
+    task that dies is restarted with back-off (a fresh handshake; its
+    frontend sees Closed and reconnects), and one that has requests pending
+    but serves none for ``device_timeout=SECONDS`` (command line, default 2)
+    is kicked, then restarted.  That catches a *ring-only* hang here, per
+    device, without restarting the domain's other devices; a hang of the
+    whole kernel stops the heartbeat and is dom0's watchdog's business.
+
 Invariant
     Nothing a frontend writes can stop this kernel: each device is its own
-    task, and a failing backend task is logged and left, never propagated.
+    task, and a failing backend task is logged and restarted, never propagated.
 
 Where this differs from Xen
     Xen has no standard heartbeat; a real deployment would use the domain's
@@ -34,7 +42,7 @@ from functools import partial
 
 import trio
 
-from domains.driverdom import blkback, netif_backend
+from domains.driverdom import blkback, host_link, netif_backend
 from domains.kernel import control, faultpoint
 from domains.kernel.boot import Kernel, boot
 from domains.kernel.console import Console
@@ -42,6 +50,16 @@ from domains.kernel.xenbus import BackendWatcher
 from domains.kernel.xenstore import open_ring_client
 
 DEFAULT_HEARTBEAT = 0.5
+#: A device with work pending that serves nothing for this long is kicked, and
+#: restarted after twice this long (command line ``device_timeout=SECONDS``; 0: off).
+DEFAULT_DEVICE_TIMEOUT = 2.0
+
+
+def _number(raw: str | None, default: float) -> float:
+    try:
+        return float(raw) if raw is not None else default
+    except ValueError:
+        return default
 
 
 async def heartbeat(k: Kernel, xs, interval: float) -> None:
@@ -58,19 +76,23 @@ async def main(k: Kernel) -> None:
     port = k.events.adopt(k.start_info["store_evtchn"])
     console = Console(k)
     await console.write(f"microxen driver domain kernel: {k.name} (domain {k.domid}) booting\n")
-    try:
-        interval = float(k.cmdline.get("heartbeat", DEFAULT_HEARTBEAT))
-    except ValueError:
-        interval = DEFAULT_HEARTBEAT
+    interval = _number(k.cmdline.get("heartbeat"), DEFAULT_HEARTBEAT)
     async with open_ring_client(page.map, port.notify, port.wait) as xs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat, k, xs, max(interval, 0.05))
             nursery.start_soon(faultpoint.agent, k, xs)
-            vbd = BackendWatcher(xs, k.domid, "vbd", partial(blkback.serve, k, xs))
+            stall = _number(k.cmdline.get("device_timeout"), DEFAULT_DEVICE_TIMEOUT)
+            vbd = BackendWatcher(xs, k.domid, "vbd", partial(blkback.serve, k, xs),
+                                 stall_timeout=stall)
             nursery.start_soon(vbd.run)
+            bridges = netif_backend.Bridges()
             vif = BackendWatcher(xs, k.domid, "vif",
-                                 partial(netif_backend.serve, k, xs, netif_backend.Bridges()))
+                                 partial(netif_backend.serve, k, xs, bridges),
+                                 stall_timeout=stall)
             nursery.start_soon(vif.run)
+            if "tap" in k.cmdline:   # the "NIC": a TAP device on xenbr0 (host_link.py)
+                nursery.start_soon(host_link.run, k, xs, bridges.get("xenbr0"),
+                                   k.cmdline["tap"], console)
             await console.write(f"{k.name}: serving backend/vbd and backend/vif\n")
             await control.run(k, xs)
 

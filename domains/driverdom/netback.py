@@ -72,6 +72,7 @@ from typing import Any, Callable, Protocol
 
 import trio
 
+from domains.kernel import faultpoint
 from ipc.grant_abi import GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay
 from ipc.netif import (NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_more_data,
                        NETTXF_extra_info, NETTXF_more_data, PAGE_SIZE, RX_ENTRY_SIZE,
@@ -233,6 +234,9 @@ class Netback:
         #: Where packets from the guest go; set by whoever plugs the vif in.
         self.on_packet: Callable[[bytes], None] = lambda frame: None
         self.error: str | None = None
+        #: True when :attr:`error` is the frontend's doing (a protocol violation);
+        #: False for our own failures (a refused hypercall, a lost channel).
+        self.frontend_at_fault = False
         self.connected = True
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -277,10 +281,16 @@ class Netback:
             await self.grants.unmap_many(maps)
             await self.memory.free(self._tx_staging.pages + self._rx_staging.pages)
 
-    def _disconnect(self, why: str) -> None:
-        """The frontend broke the protocol: stop using its rings, say why."""
+    def kick(self) -> None:
+        """Wake both ring loops, as an event from the frontend would."""
+        self._tx_kick.set()
+        self._rx_kick.set()
+
+    def _disconnect(self, why: str, frontend_at_fault: bool = False) -> None:
+        """Stop using the rings, say why (and whose fault it was)."""
         if self.error is None:
             self.error = why
+            self.frontend_at_fault = frontend_at_fault
             log.warning("%s: disconnecting frontend d%d: %s", self.name, self.frontend_domid, why)
         self.connected = False
         if self._scope is not None:
@@ -330,7 +340,7 @@ class Netback:
                     continue
                 await self._tx_kick.wait()
         except (RingError, NetifError, VifDisconnected) as exc:
-            self._disconnect(f"tx ring: {exc}")
+            self._disconnect(f"tx ring: {exc}", frontend_at_fault=True)
         except Exception as exc:   # e.g. the hypervisor refused a whole copy batch
             log.exception("%s: tx path failed", self.name)
             self._disconnect(f"tx path: {type(exc).__name__}: {exc}")
@@ -346,7 +356,7 @@ class Netback:
                     continue
                 await self._rx_kick.wait()
         except (RingError, NetifError, VifDisconnected) as exc:
-            self._disconnect(f"rx ring: {exc}")
+            self._disconnect(f"rx ring: {exc}", frontend_at_fault=True)
         except Exception as exc:   # e.g. the hypervisor refused a whole copy batch
             log.exception("%s: rx path failed", self.name)
             self._disconnect(f"rx path: {type(exc).__name__}: {exc}")
@@ -449,6 +459,7 @@ class Netback:
         packets = self._parse_tx(available)
         if not packets:
             return False
+        await faultpoint.hit("netback.tx")
         ops: list[dict[str, Any]] = []
         staging = self._tx_staging
         staging.reset()
@@ -486,11 +497,12 @@ class Netback:
                 frame = b"".join(
                     bytes(staging.pages[p].map[o:o + ops[i]["len"]]) for i, p, o in pkt.copies)
                 out.append(frame)
-            self.tx.put_response(NetifTxResponse(pkt.requests[0].id, status).pack())
+            self.tx.put_response(_tx_response_fault(NetifTxResponse(pkt.requests[0].id, status)))
             for _ in range(pkt.extras):
                 self.tx.put_response(NetifTxResponse(0, NETIF_RSP_NULL).pack())
             for req in pkt.requests[1:]:
                 self.tx.put_response(NetifTxResponse(req.id, status).pack())
+        faultpoint.hit_nowait("netback.push", self.tx)
         if self.tx.push_responses_and_check_notify():
             self.stats.notifications_sent += 1
             self.tx_port.notify_nowait()
@@ -578,6 +590,18 @@ class Netback:
             self.stats.notifications_sent += 1
             self.rx_port.notify_nowait()
         return True
+
+
+def _tx_response_fault(rsp: NetifTxResponse) -> bytes:
+    """The ``netback.response`` fault point (a lying backend: wrong id or
+    status) and ``netback.response.raw`` (garbage bytes in the slot).
+    Unarmed, just the packed response."""
+    out = faultpoint.hit_nowait("netback.response", rsp)
+    if not isinstance(out, NetifTxResponse):
+        out = rsp
+    raw = NetifTxResponse(out.id & 0xFFFF, max(-0x8000, min(0x7FFF, out.status))).pack()
+    junk = faultpoint.hit_nowait("netback.response.raw", raw)
+    return junk if isinstance(junk, bytes) else raw
 
 
 def _slots_for(length: int) -> int:

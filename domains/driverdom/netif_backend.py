@@ -31,7 +31,11 @@ Invariant
     why.  A frontend that breaks the ring protocol at run time (netback's
     :attr:`~domains.driverdom.netback.Netback.error`) gets its vif
     disconnected (state Closed, ``error`` written) and is not served again
-    until its directory is re-made; every other vif carries on.
+    until its directory is re-made; every other vif carries on.  A failure
+    that is not the frontend's (a hypercall the hypervisor refused, the event
+    channel lost) raises BackendError instead: the driver domain's
+    BackendWatcher restarts the vif with a fresh handshake after a back-off,
+    and its progress check restarts a vif whose rings stall.
 
 Where this differs from Xen
     No hotplug script and no kernel interface: the bridge is in this
@@ -49,7 +53,7 @@ import trio
 from domains.driverdom.bridge import Bridge, BridgeError
 from domains.driverdom.netback import Netback
 from domains.kernel.grant_table import GrantError
-from domains.kernel.xenbus import XenbusState, read_int, read_node, read_state, switch_state, wait_until
+from domains.kernel.xenbus import XenbusState, device_progress, read_int, read_node, read_state, switch_state, wait_until
 
 if TYPE_CHECKING:
     from domains.kernel.boot import Kernel
@@ -75,6 +79,12 @@ class Bridges:
 
 class VifRefused(Exception):
     """This vif cannot be served; the message says why (it goes to ``error``)."""
+
+
+class BackendError(Exception):
+    """This attempt failed for a reason that is not the frontend's (a hypercall
+    the hypervisor refused, a lost event channel); it propagates so the
+    BackendWatcher restarts the vif, with a fresh handshake, after a back-off."""
 
 
 class NetifBackend:
@@ -146,7 +156,8 @@ class NetifBackend:
         try:
             port = await k.events.bind_interdomain(fe_id, evtchn)
         except Exception as exc:
-            raise VifRefused(f"cannot bind event channel {evtchn} of d{fe_id}: {exc}") from None
+            # Often transient (out of ports for a moment): the watcher retries.
+            raise BackendError(f"cannot bind event channel {evtchn} of d{fe_id}: {exc}") from None
         nb = None
         bridge = self.bridges.get(bridge_name)
         attached = False
@@ -154,9 +165,12 @@ class NetifBackend:
             try:
                 nb = await Netback.connect(k.grants, k.memory, fe_id, tx_ref, rx_ref, port,
                                            name=name)
-            except (GrantError, Exception) as exc:
+            except GrantError as exc:
                 raise VifRefused(f"cannot map tx-ring-ref {tx_ref}/rx-ring-ref {rx_ref} "
                                  f"of d{fe_id}: {exc}") from None
+            except Exception as exc:
+                raise BackendError(f"cannot map tx-ring-ref {tx_ref}/rx-ring-ref {rx_ref} "
+                                   f"of d{fe_id}: {exc}") from None
             try:
                 bport = bridge.add_port(nb.name, nb.deliver)
             except BridgeError as exc:
@@ -164,6 +178,11 @@ class NetifBackend:
             attached = True
             nb.on_packet = lambda frame: bridge.input(bport, frame)
             self.netback = nb
+            progress = device_progress(self.path)
+            progress.add_ring(nb.tx)
+            progress.add_ring(nb.rx, lambda: bool(nb.rx_queue) and nb.rx.unconsumed_requests() > 0)
+            progress.kick = nb.kick
+            progress.nudge = port.notify_nowait
             async with trio.open_nursery() as nursery:
                 await nursery.start(nb.run)
                 await switch_state(xs, self.path, XenbusState.Connected)
@@ -181,7 +200,9 @@ class NetifBackend:
                 await _stopped(nb)
                 nursery.cancel_scope.cancel()
             if nb.error is not None:
-                raise VifRefused(f"disconnected: {nb.error}")
+                if nb.frontend_at_fault:
+                    raise VifRefused(f"disconnected: {nb.error}")
+                raise BackendError(f"vif failed: {nb.error}")
         finally:
             with trio.CancelScope(shield=True):
                 self.netback = None

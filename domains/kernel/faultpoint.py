@@ -7,7 +7,8 @@ What this is
     the ring", "panic".  This module is the in-domain half.  Code calls
     ``await faultpoint.hit("blkback.response", rsp)`` (or the synchronous
     ``hit_nowait``) at a named place; when nothing is armed that is one dict
-    lookup.  When a fault is armed there it may delay, hang, raise, spin,
+    lookup.  When a fault is armed there it may delay, hang, raise (``raise``:
+    a bug that ends one task; ``oops``: a bug the kernel panics on), spin,
     drop or rewrite the value passing through.
 
 How a fault is armed
@@ -32,8 +33,9 @@ How a fault is armed
 
     The agent also answers *probes* for the campaign's checker: dom0 writes a
     token to ``faults/probe`` and the agent writes ``<token> <completed>
-    <errors>`` to ``data/faults/probe``, the counts of I/O completions it saw
-    at ``count()`` points.  That is how dom0 learns within milliseconds that a
+    <errors> <net-rx>`` to ``data/faults/probe``: the counts of block I/O
+    completions and of checked UDP datagrams received that it saw at
+    ``count()`` points.  That is how dom0 learns within milliseconds that a
     guest is completing I/O again after a fault.
 
 Invariant
@@ -71,7 +73,7 @@ ACTIONS = {
     "delay", "hang", "spin", "oops", "drop", "duplicate",
     "corrupt-id", "corrupt-status", "corrupt-op", "corrupt-prod",
     "garbage", "bad-gref", "bad-sector", "corrupt-args",
-    "skip",
+    "skip", "raise",
 }
 AGENT_ACTIONS = {"shutdown-crash", "exhaust-grants", "exhaust-evtchn"}
 
@@ -223,6 +225,11 @@ def _apply_now(f: Fault, value: Any) -> Any:
         if _agent is not None:
             _agent.panic(f"injected bug at {f.point}")
         raise InjectedFault(f"fault {f.name}: injected bug at {f.point}")
+    if a == "raise":
+        # A bug the kernel survives: the exception ends the task it hit (a
+        # backend), and the driver domain's supervisor restarts that device.
+        log.error("fault %s: injected exception at %s", f.name, f.point)
+        raise InjectedFault(f"fault {f.name}: injected exception at {f.point}")
     if a == "spin":
         log.error("fault %s: spinning forever at %s", f.name, f.point)
         while True:                 # an infinite loop: the whole kernel stops here
@@ -412,8 +419,8 @@ class Agent:
 
     async def _answer_probe(self, token: bytes) -> None:
         c = _counts
-        await self.xs.write(f"{self.data}/probe", b"%s %d %d" % (
-            token, c.get("io.complete", 0), c.get("io.complete.errors", 0)))
+        await self.xs.write(f"{self.data}/probe", b"%s %d %d %d" % (
+            token, c.get("io.complete", 0), c.get("io.complete.errors", 0), c.get("net.rx", 0)))
 
     async def _arm(self, nursery: trio.Nursery, name: str, text: str) -> None:
         try:

@@ -178,38 +178,190 @@ class FrontendDevice:
     async def wait_for_backend(self, states: set[XenbusState], avoid: str | None = None,
                                timeout: float = float("inf")) -> tuple[str, int]:
         """Wait until ``backend`` names a backend (not ``avoid``) whose state is in
-        ``states``; return (backend path, backend domid)."""
-        async def check():
-            be = await self.backend_path()
-            beid = await self.backend_id()
-            if not be or be == avoid or beid is None:
-                return None
-            if await read_state(self.xs, be) in states:
-                return be, beid
-            return None
-        return await wait_until(self.xs, [f"{self.nodename}/backend"], check, timeout,
-                                poll=0.2)
+        ``states``; return (backend path, backend domid).
+
+        Watch-driven on both ends: ``<frontend>/backend`` (the toolstack may
+        point it elsewhere at any time, e.g. at a restarted driver domain) and
+        the ``state`` of whichever backend it names *now*; when ``backend``
+        changes, the state watch is moved to the new backend.  A backend that
+        reaches InitWait is therefore seen within one watch event, not at the
+        next poll.
+        """
+        with trio.fail_after(timeout):
+            while True:
+                watched = await self.backend_path()
+
+                async def check(watched=watched):
+                    be = await self.backend_path()
+                    if be != watched:
+                        return _MOVED            # re-arm the watches on the new backend
+                    beid = await self.backend_id()
+                    if not be or be == avoid or beid is None or not names_domain(be, beid):
+                        return None
+                    if await read_state(self.xs, be) in states:
+                        return be, beid
+                    return None
+                paths = [f"{self.nodename}/backend"]
+                if watched:
+                    paths.append(f"{watched}/state")
+                found = await wait_until(self.xs, paths, check)
+                if found is not _MOVED:
+                    return found
+
+
+#: How long one liveness question to the hypervisor may take before it counts as
+#: unanswered (a dropped message): the connection is then kept and asked again later.
+PEER_CHECK_TIMEOUT = 1.0
+
+
+async def still_waiting(t, fe_path: str, be_path: str) -> bool:
+    """In transaction ``t``: does ``backend`` still name ``be_path``, in InitWait?"""
+    try:
+        be = (await t.read(f"{fe_path}/backend")).decode(errors="replace")
+        state = parse_state(await t.read(f"{be_path}/state"))
+    except OSError:
+        return False                     # a node is gone: the backend with it
+    return be == be_path and state == XenbusState.InitWait
+
+
+async def peer_gone(port, what: str) -> bool:
+    """Has the far end of ``port`` been unbound (its domain died or closed it)?
+
+    Only the hypervisor's answer "not bound" means gone.  A question that
+    fails or goes unanswered (a refused hypercall, a dropped message) says
+    nothing about the backend, so the connection is kept; if the backend
+    really is gone, the next check or the XenStore watch will say so.
+    """
+    with trio.move_on_after(PEER_CHECK_TIMEOUT):
+        try:
+            return not await port.peer_alive()
+        except Exception as exc:
+            log.warning("%s: cannot ask whether the backend's channel is bound (%s); "
+                        "keeping the connection", what, exc)
+            return False
+    log.warning("%s: no answer about the backend's channel; keeping the connection", what)
+    return False
+
+
+#: wait_for_backend's marker for "the backend node changed under us".
+_MOVED = object()
+
+
+def names_domain(path: str, domid: int) -> bool:
+    """Does a backend path live under ``/local/domain/<domid>/``?
+
+    ``backend`` and ``backend-id`` are two nodes read one after the other;
+    the toolstack changes both in one transaction, so a pair that disagrees
+    was read across a rebind and must be read again.
+    """
+    return path.startswith(f"/local/domain/{domid}/")
+
+
+class DeviceProgress:
+    """What one backend shows its driver domain about whether it is serving.
+
+    A backend registers the back rings it serves (:meth:`add_ring`) and how
+    to wake its loop as an event would (``kick``).  Everything else is read
+    from the rings themselves, so the data path pays nothing: a ring's
+    ``rsp_prod_pvt`` counts the responses produced, requests taken and not
+    yet answered (``req_cons != rsp_prod_pvt``) mean the backend is *busy*
+    with them, and unconsumed requests mean work is *pending*.
+    :class:`BackendWatcher` reads these to tell an idle device from a stuck one.
+    """
+
+    def __init__(self) -> None:
+        self.rings: list[tuple[object, Callable[[], bool] | None]] = []
+        self.kick: Callable[[], None] | None = None
+        #: Send the frontend a (possibly spurious) event: a dropped
+        #: notification then costs it one stall period, never a hang.
+        self.nudge: Callable[[], None] | None = None
+
+    def add_ring(self, ring, pending: Callable[[], bool] | None = None) -> None:
+        """Watch ``ring`` (a BackRing); ``pending`` overrides "has unconsumed
+        requests" (an rx ring has work only when there is something to deliver)."""
+        self.rings.append((ring, pending))
+
+    def sample(self) -> list[tuple[int, bool, bool]]:
+        """Per ring: (responses produced so far, busy, pending).  Rings are
+        judged one by one: a vif whose rx ring flows while its tx ring is
+        stuck is stuck."""
+        out = []
+        for ring, has_work in self.rings:
+            try:
+                out.append((ring.rsp_prod_pvt, ring.req_cons != ring.rsp_prod_pvt,
+                            bool(has_work() if has_work else ring.unconsumed_requests())))
+            except Exception:   # a corrupt ring: the backend's own loop refuses it
+                out.append((0, False, False))
+        return out
+
+
+#: Every running device's progress, by backend path (one driver domain per process).
+_progress: dict[str, DeviceProgress] = {}
+
+
+def device_progress(path: str) -> DeviceProgress:
+    """The progress record of the device at ``path`` (made on first use)."""
+    p = _progress.get(path)
+    if p is None:
+        p = _progress[path] = DeviceProgress()
+    return p
 
 
 class BackendWatcher:
-    """A driver domain's device discovery for one device type.
+    """A driver domain's device discovery and supervision for one device type.
 
     Watches ``/local/domain/<self>/backend/<type>`` and runs
     ``serve(path)`` as a task for every
     ``<frontend-domid>/<devid>`` directory found there; when the directory is
-    removed, the task is cancelled.  A backend task that fails is logged and
-    the device left alone; the driver domain itself carries on.
+    removed, the task is cancelled.
+
+    Supervision (MINIX 3's reincarnation server, per device):
+
+    - a backend task that *raises* has died: the device's ``state`` is set to
+      Closed (so its frontend sees the backend go away and starts over), and
+      after a back-off (``backoff`` seconds, doubling on each failure up to
+      ``backoff_max``, reset once an attempt has run ``healthy`` seconds) a
+      fresh ``serve(path)`` does a new handshake.  A device that keeps
+      failing costs one attempt per ``backoff_max``, never a spin;
+    - a backend that has work (a request being handled, or requests on its
+      ring) and publishes no response for ``stall_timeout`` seconds is
+      *stuck*: if it is idle with requests waiting (a lost event) it is
+      kicked once; if it is still stuck after another ``stall_timeout`` it is
+      cancelled and restarted as if it had died.  A ring-only hang is thus
+      caught inside the driver domain, per device, while dom0's watchdog
+      keeps catching a whole domain that hangs (its heartbeat stops);
+    - every ``stall_timeout`` each connected device is kicked (its loop
+      re-reads its rings) and its frontend sent an event: events coalesce,
+      so this costs little, and a notification lost either way (an events
+      or hypercall fault) costs at most one period;
+    - a backend task that *returns* has closed its device on purpose (a
+      hostile frontend, a missing disk: it wrote ``error``); it is left
+      alone until its directory is re-made.
+
+    Attempts and restarts are published in the device's directory as
+    ``restarts`` so ``xl xenstore-ls`` shows them.
     """
 
     def __init__(self, xs, domid: int, devtype: str,
-                 serve: Callable[[str], Awaitable[None]]) -> None:
+                 serve: Callable[[str], Awaitable[None]], *,
+                 stall_timeout: float = 2.0, backoff: float = 0.05,
+                 backoff_max: float = 5.0, healthy: float = 10.0) -> None:
         self.xs = xs
         self.root = f"/local/domain/{domid}/backend/{devtype}"
         self.serve = serve
         self.running: dict[str, trio.CancelScope] = {}
+        self.stall_timeout = stall_timeout
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.healthy = healthy
+        self.restarts: dict[str, int] = {}
+        self._attempts: dict[str, trio.CancelScope] = {}
+        self._stalled: set[str] = set()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            if self.stall_timeout > 0:
+                nursery.start_soon(self._stall_watch)
             watch = await self.xs.watch(self.root)
             async with watch:
                 while True:
@@ -242,10 +394,83 @@ class BackendWatcher:
                 del self.running[path]
 
     async def _guard(self, path: str, scope: trio.CancelScope) -> None:
+        failures = 0
         try:
             with scope:
-                await self.serve(path)
-        except Exception:
-            # The entry stays in `running`, so a broken device is not restarted
-            # in a loop; removing and re-adding its directory starts it afresh.
-            log.exception("backend %s failed; device left disconnected", path)
+                while True:
+                    started = trio.current_time()
+                    _progress[path] = DeviceProgress()
+                    try:
+                        with trio.CancelScope() as attempt:
+                            self._attempts[path] = attempt
+                            await self.serve(path)
+                            return          # closed on purpose: left alone
+                        if path not in self._stalled:
+                            return
+                        why = f"no progress for {2 * self.stall_timeout:g} s with work pending"
+                    except Exception as exc:
+                        log.exception("backend %s failed", path)
+                        why = f"{type(exc).__name__}: {exc}"
+                    finally:
+                        self._attempts.pop(path, None)
+                        self._stalled.discard(path)
+                    if trio.current_time() - started >= self.healthy:
+                        failures = 0
+                    failures += 1
+                    self.restarts[path] = self.restarts.get(path, 0) + 1
+                    delay = min(self.backoff_max, self.backoff * 2 ** (failures - 1))
+                    log.warning("backend %s died (%s); restart %d in %.2f s", path, why,
+                                self.restarts[path], delay)
+                    await self._closed(path, why)
+                    await trio.sleep(delay)
+        finally:
+            _progress.pop(path, None)
+
+    async def _closed(self, path: str, why: str) -> None:
+        """Tell the frontend its backend went away, so it starts over."""
+        try:
+            await self.xs.write(f"{path}/restarts", str(self.restarts[path]).encode())
+            await switch_state(self.xs, path, XenbusState.Closed)
+        except OSError:
+            pass
+
+    async def _stall_watch(self) -> None:
+        """Catch devices that have work and serve none of it (a ring-only hang)."""
+        seen: dict[tuple[str, int], tuple[int, float, bool]] = {}   # (path, ring) -> (served, since, kicked)
+        period = self.stall_timeout / 4
+        ticks = 0
+        while True:
+            await trio.sleep(period)
+            ticks += 1
+            now = trio.current_time()
+            for path in list(self._attempts):
+                p = _progress.get(path)
+                if p is not None and ticks % 4 == 0:
+                    for poke in (p.kick, p.nudge):   # events coalesce: spurious ones cost nothing
+                        if poke is not None:
+                            try:
+                                poke()
+                            except Exception:
+                                pass
+                for i, (served, busy, pending) in enumerate(p.sample() if p is not None else []):
+                    key = (path, i)
+                    if not (busy or pending):
+                        seen.pop(key, None)
+                        continue
+                    last, since, kicked = seen.get(key, (served, now, False))
+                    if served != last:
+                        since, kicked = now, False
+                    stuck = now - since
+                    if stuck >= 2 * self.stall_timeout:
+                        log.warning("backend %s: ring %d has work and served nothing for %.1f s; "
+                                    "restarting the device", path, i, stuck)
+                        self._stalled.add(path)
+                        self._attempts[path].cancel()
+                        for k in [k for k in seen if k[0] == path]:
+                            del seen[k]
+                        break
+                    if stuck >= self.stall_timeout and not kicked and not busy and p.kick:
+                        log.info("backend %s: requests waiting, no event seen; kicking", path)
+                        p.kick()
+                        kicked = True
+                    seen[key] = (served, since, kicked)

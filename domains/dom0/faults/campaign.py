@@ -3,11 +3,13 @@
     python run.py campaign --faults N --seed S [--config FILE ...] [--report DIR]
                            [--duration SECONDS] [--kinds LIST] [--include LIST]
 
-Boots a system in a run directory of its own (the default one: blkdom, two
-guests running the verifying disk workload, a bystander guest with no disk;
+Boots a system in a run directory of its own (the default one: blkdom and
+netdom, two guests running the verifying disk workload and a checked UDP
+stream to each other, a bystander guest with no device;
 or the xl.cfg files given), waits until the workloads run, then, for each
 fault: draws a fault type (weighted, see catalogue.py), a driver-domain target
-and the fault's parameters from the seed; checks isolation; injects it; waits
+serving that fault's device type (blkdom for block faults, netdom for
+network faults) and the fault's parameters from the seed; checks isolation; injects it; waits
 until it has ended and every guest completes I/O again (see checker.py); and
 records the outcome and the recovery time.  An unrecovered fault is repaired
 by SIGKILLing the driver domain (so on_crash restarts it) and counted as
@@ -78,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
         fi = FaultInjector(system.run_dir)
         checker = Checker(fi, system.run_dir)
         system.remember(fi.domains())
-        if not checker.drivers or not checker.disk_guests:
+        if not checker.drivers or not checker.io_guests:
             raise FaultError("the system needs a driver domain and a guest running the disk "
                              f"workload (drivers: {checker.drivers}, disk guests: {checker.disk_guests})")
         print(f"campaign: drivers {checker.drivers}, disk guests {checker.disk_guests}, "
+              f"net guests {checker.net_guests}, "
               f"bystanders {checker.bystanders}; waiting for the workloads", flush=True)
         checker.wait_warm()
         rng = random.Random(args.seed)
@@ -98,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(max(0.0, started + i * args.duration / args.faults - now))
             i += 1
             t, params, seed = draw(rng, pool)
-            target = rng.choice(checker.drivers)
+            targets = [d for d in checker.drivers if checker.serves(d, t.serves)]
+            if not targets:
+                continue
+            target = rng.choice(targets)
             problems = checker.isolation(target)
             before = checker.probes()
             try:

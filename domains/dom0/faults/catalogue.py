@@ -19,8 +19,11 @@ causing it.  Each :class:`FaultType` says:
 
 Parameters (``delay``, ``duration``, ``prob``, ``count``) have defaults here
 and can be set on the command line or drawn from the campaign's seed.
-Network targets plug in by adding modes whose points live in netback and
-netfront (``netback.tx``, ``netback.rx``...); the kinds stay the same.
+Network modes are named ``net-...``; their points live in netback
+(``netback.tx`` before a tx batch is answered, ``netback.response`` and
+``netback.response.raw`` on each tx response, ``netback.push`` when the tx
+responses are published) and they are aimed only at driver domains that serve
+vifs (``serves="vif"``); block modes only at those that serve vbds.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class FaultType:
     defaults: dict = field(default_factory=dict)
     campaign: int = 0           # weight in a driver-domain campaign
     restart: bool = False       # recovery is a restart of the target domain
+    serves: str = ""            # the device type the target must serve (vbd, vif); "" any
 
     @property
     def name(self) -> str:
@@ -57,7 +61,7 @@ CATALOGUE: list[FaultType] = [
               "Raise an exception inside blkback's request handler; the kernel treats the "
               "oops as fatal (panic_on_oops) and reports SCHEDOP_shutdown(crash).",
               "VIRQ_DOM_EXC -> restart -> replay", point="blkback.request", action="oops",
-              defaults={"count": 1}, campaign=3, restart=True),
+              defaults={"count": 1}, campaign=3, restart=True, serves="vbd"),
     FaultType("crash", "shutdown", "agent", "any",
               "The domain asks to crash: SCHEDOP_shutdown with reason crash.",
               "VIRQ_DOM_EXC -> on_crash (restart for driver domains)", action="shutdown-crash",
@@ -70,39 +74,39 @@ CATALOGUE: list[FaultType] = [
     FaultType("hang", "spin", "point", "driver",
               "An infinite loop inside blkback's request handler: the whole kernel stops.",
               "the heartbeat stops -> watchdog -> restart", point="blkback.request",
-              action="spin", defaults={"count": 1}, campaign=2, restart=True),
+              action="spin", defaults={"count": 1}, campaign=2, restart=True, serves="vbd"),
     FaultType("hang", "rings", "point", "driver",
               "Stop serving the rings for `duration` seconds while the rest of the domain "
               "(heartbeat, XenStore) lives on.",
               "guests see a stall as long as the fault; nothing in the system detects a "
               "ring-only hang that does not end (see the report's notes)",
               point="blkback.request", action="hang", defaults={"count": 1, "duration": 0.3},
-              campaign=6),
+              campaign=6, serves="vbd"),
     # -- slow ----------------------------------------------------------------------
     FaultType("slow", "response", "point", "driver",
               "Delay every response by `delay` seconds for `duration` seconds.",
               "transparent: guests see latency, never an error", point="blkback.response",
-              action="delay", defaults={"delay": 0.02, "duration": 0.3}, campaign=14),
+              action="delay", defaults={"delay": 0.02, "duration": 0.3}, campaign=14, serves="vbd"),
     # -- corrupt -------------------------------------------------------------------
     FaultType("corrupt", "status", "point", "driver",
               "Answer `count` requests with a wrong status (an error, or a status that "
               "does not exist).", "the guest sees an I/O error for those requests and "
               "carries on (a lying backend cannot be masked)", point="blkback.response",
-              action="corrupt-status", defaults={"count": 1}, campaign=0),
+              action="corrupt-status", defaults={"count": 1}, campaign=0, serves="vbd"),
     FaultType("corrupt", "op", "point", "driver",
               "Answer `count` requests with a wrong operation code.",
               "blkfront matches answers by id only: transparent",
-              point="blkback.response", action="corrupt-op", defaults={"count": 2}, campaign=6),
+              point="blkback.response", action="corrupt-op", defaults={"count": 2}, campaign=6, serves="vbd"),
     FaultType("corrupt", "id", "point", "driver",
               "Answer `count` requests with a wrong id.",
               "blkfront ignores ids it did not issue; the real request is then never "
               "answered until the next reconnect; an id that names another outstanding "
               "request completes the wrong request (the checker may see lost writes)",
-              point="blkback.response", action="corrupt-id", defaults={"count": 1}),
+              point="blkback.response", action="corrupt-id", defaults={"count": 1}, serves="vbd"),
     FaultType("corrupt", "prod", "point", "driver",
               "Publish a response producer index that runs past the ring.",
               "blkfront refuses the ring (RingCorruptError), reconnects and replays",
-              point="blkback.push", action="corrupt-prod", defaults={"count": 1}, campaign=0),
+              point="blkback.push", action="corrupt-prod", defaults={"count": 1}, campaign=0, serves="vbd"),
     FaultType("corrupt", "garbage", "point", "guest",
               "A guest puts garbage in its request slots (ids kept).",
               "blkback answers BLKIF_RSP_ERROR; the guest sees errors; nobody else notices",
@@ -123,7 +127,7 @@ CATALOGUE: list[FaultType] = [
               "A deliberately broken backend: acknowledge `count` writes without "
               "performing them (to test the checker).",
               "nothing in the system can see it; the campaign's checker must report lost "
-              "writes", point="blkback.write", action="skip", defaults={"count": 8}),
+              "writes", point="blkback.write", action="skip", defaults={"count": 8}, serves="vbd"),
     # -- events ----------------------------------------------------------------------
     FaultType("events", "drop", "point", "any",
               "Drop the domain's outgoing event-channel notifications with probability "
@@ -175,6 +179,66 @@ CATALOGUE: list[FaultType] = [
               "the balloon driver gives back unshared pages; I/O carries on (a driver "
               "domain runs no balloon driver: the target is ignored)",
               defaults={"fraction": 0.5, "duration": 0.3}, campaign=3),
+    # -- device-level supervision and the network driver domain ------------------------
+    FaultType("crash", "exception", "point", "driver",
+              "Raise an exception inside blkback's request handler that the kernel survives: "
+              "the backend task dies, the domain lives.",
+              "the driver domain's BackendWatcher sees the task die, sets the vbd Closed and "
+              "restarts it after a back-off; blkfront reconnects and replays",
+              point="blkback.request", action="raise", defaults={"count": 1}, campaign=4,
+              serves="vbd"),
+    FaultType("hang", "rings-forever", "point", "driver",
+              "Stop serving one vbd's ring for good while the domain's heartbeat goes on.",
+              "the BackendWatcher's progress check sees requests taken and none answered for "
+              "2 x device_timeout and restarts that device; blkfront replays",
+              point="blkback.request", action="hang", defaults={"count": 1}, campaign=3,
+              serves="vbd"),
+    FaultType("crash", "net-exception", "point", "driver",
+              "Raise an exception inside netback's tx path that the kernel survives.",
+              "the vif's task fails, the BackendWatcher sets it Closed and restarts it; "
+              "netfront reconnects (datagrams in flight may be lost: UDP)",
+              point="netback.tx", action="raise", defaults={"count": 1}, campaign=4, serves="vif"),
+    FaultType("crash", "net-oops", "point", "driver",
+              "Raise an exception inside netback's tx path that the kernel panics on.",
+              "VIRQ_DOM_EXC -> restart of the network driver domain -> netfronts reconnect",
+              point="netback.tx", action="oops", defaults={"count": 1}, campaign=3, restart=True,
+              serves="vif"),
+    FaultType("hang", "net-spin", "point", "driver",
+              "An infinite loop inside netback's tx path: the whole kernel stops.",
+              "the heartbeat stops -> watchdog -> restart", point="netback.tx", action="spin",
+              defaults={"count": 1}, campaign=2, restart=True, serves="vif"),
+    FaultType("hang", "net-rings", "point", "driver",
+              "Stop serving a vif's tx ring for `duration` seconds (heartbeat goes on).",
+              "a stall as long as the fault; UDP datagrams queue or drop", point="netback.tx",
+              action="hang", defaults={"count": 1, "duration": 0.3}, campaign=5, serves="vif"),
+    FaultType("hang", "net-rings-forever", "point", "driver",
+              "Stop serving a vif's tx ring for good while the heartbeat goes on.",
+              "the BackendWatcher's progress check restarts that vif; netfront reconnects",
+              point="netback.tx", action="hang", defaults={"count": 1}, campaign=3, serves="vif"),
+    FaultType("slow", "net-response", "point", "driver",
+              "Delay every tx batch by `delay` seconds for `duration` seconds.",
+              "transparent: latency", point="netback.tx", action="delay",
+              defaults={"delay": 0.02, "duration": 0.3}, campaign=8, serves="vif"),
+    FaultType("corrupt", "net-status", "point", "driver",
+              "Answer `count` tx requests with a wrong status.",
+              "netfront counts a failed transmit; UDP may lose that datagram",
+              point="netback.response", action="corrupt-status", defaults={"count": 1},
+              campaign=3, serves="vif"),
+    FaultType("corrupt", "net-id", "point", "driver",
+              "Answer `count` tx requests with a wrong id.",
+              "netfront ignores or refuses an id it did not issue (reconnecting if need be)",
+              point="netback.response", action="corrupt-id", defaults={"count": 1},
+              campaign=0, serves="vif"),
+    FaultType("corrupt", "net-garbage", "point", "driver",
+              "Put random bytes in `count` tx response slots.",
+              "netfront refuses or ignores the slot; at worst a reconnect",
+              point="netback.response.raw", action="garbage", defaults={"count": 1},
+              campaign=0, serves="vif"),
+    FaultType("corrupt", "net-prod", "point", "driver",
+              "Publish a tx response producer index that runs past the ring.",
+              "netfront refuses the ring (RingCorruptError), reconnects",
+              point="netback.push", action="corrupt-prod", defaults={"count": 1}, campaign=3,
+              serves="vif"),
 ]
 
 BY_NAME: dict[str, FaultType] = {t.name: t for t in CATALOGUE}

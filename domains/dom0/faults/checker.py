@@ -49,15 +49,21 @@ class Checker:
         doms = self._settled(fi)
         self.disk_guests = sorted(n for n, d in doms.items()
                                   if fi.xs.directory(f"/local/domain/{d['domid']}/device/vbd"))
+        self.net_guests = sorted(n for n, d in doms.items()
+                                 if fi.xs.directory(f"/local/domain/{d['domid']}/device/vif"))
         self.drivers = sorted(n for n, d in doms.items() if n != "Domain-0"
                               and fi.is_driver_domain(d["domid"]))
         self.bystanders = sorted(n for n in doms if n not in self.disk_guests
+                                 and n not in self.net_guests
                                  and n not in self.drivers and n != "Domain-0")
+        #: every guest whose I/O the checker follows (disk, network or both)
+        self.io_guests = sorted(set(self.disk_guests) | set(self.net_guests))
         self.identity = {n: (d["domid"], d.get("pid")) for n, d in doms.items()}
         self.hv_pid = _read_pid(os.path.join(run_dir, "hypervisor.pid"))
         self.findings = {"guest_crashes": 0, "unaffected_domain_disruptions": 0,
                          "hypervisor_or_dom0_failures": 0, "notes": []}
         self.bystander_ops = {n: self.counter(n, "ops") for n in self.bystanders}
+        self._last_target = ""
 
     @staticmethod
     def _settled(fi: FaultInjector, timeout: float = 60.0) -> dict:
@@ -79,20 +85,42 @@ class Checker:
             domid = self.fi.find(name)["domid"]
         except Exception:
             return -1
-        raw = self.fi.xs.read_or(f"/local/domain/{domid}/data/workload/{key}")
+        base = f"/local/domain/{domid}/data/workload"
+        raw = self.fi.xs.read_or(f"{base}/{key}")
+        for prefix in ("disk_", "net_"):     # a combined workload prefixes its parts' counters
+            if raw is None:
+                raw = self.fi.xs.read_or(f"{base}/{prefix}{key}")
         try:
             return float(raw.decode()) if raw else 0.0
         except ValueError:
             return 0.0
 
-    def probes(self) -> dict[str, tuple[int, int] | None]:
-        return {g: self.fi.probe(g, timeout=1.0) for g in self.disk_guests}
+    def serves(self, name: str, devtype: str) -> bool:
+        try:
+            return self.fi.serves(self.fi.find(name)["domid"], devtype)
+        except Exception:
+            return False
+
+    def probes(self) -> dict[str, tuple[int, int, int] | None]:
+        return {g: self.fi.probe(g, timeout=1.0) for g in self.io_guests}
+
+    def _progressed(self, g: str, now: tuple | None, then: tuple | None) -> bool:
+        """Has guest ``g`` completed block I/O (if it has a disk) and received a
+        checked datagram (if it has a vif) since ``then``?"""
+        if now is None:
+            return False
+        if then is None:
+            return True
+        disk = g not in self.disk_guests or now[0] > then[0]
+        net = g not in self.net_guests or now[2] > then[2]
+        return disk and net
 
     def wait_warm(self, minimum: int = 50, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             p = self.probes()
-            if all(v is not None and v[0] >= minimum for v in p.values()):
+            if all(v is not None and (g not in self.disk_guests or v[0] >= minimum)
+                   and (g not in self.net_guests or v[2] >= minimum) for g, v in p.items()):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the disk workloads did not start within {timeout}s: {self.probes()}")
@@ -125,16 +153,15 @@ class Checker:
             time.sleep(max(0.0, inj.ends_at - time.monotonic()))
         fi.clear(inj)
         base = self.probes()
-        done: dict[str, tuple[int, int]] = {}
-        while time.monotonic() < deadline and len(done) < len(self.disk_guests):
-            for g in self.disk_guests:
+        done: dict[str, tuple[int, int, int]] = {}
+        while time.monotonic() < deadline and len(done) < len(self.io_guests):
+            for g in self.io_guests:
                 if g in done:
                     continue
                 p = fi.probe(g, timeout=0.5)
-                b = base.get(g)
-                if p is not None and (b is None or p[0] > b[0]):
+                if self._progressed(g, p, base.get(g)):
                     done[g] = p
-            if len(done) < len(self.disk_guests):
+            if len(done) < len(self.io_guests):
                 time.sleep(0.005)
         ms = (time.monotonic() - inj.t0) * 1000
         crashed = self.guest_identity_changes()
@@ -142,8 +169,8 @@ class Checker:
             self.findings["guest_crashes"] += len(crashed)
             self.findings["notes"].append(f"{inj.id} {t.name}: guest(s) {', '.join(crashed)} crashed")
             return Outcome("guest_crashes", ms, ", ".join(crashed))
-        if len(done) < len(self.disk_guests):
-            missing = [g for g in self.disk_guests if g not in done]
+        if len(done) < len(self.io_guests):
+            missing = [g for g in self.io_guests if g not in done]
             return Outcome("unrecovered", None, f"no I/O completed in {', '.join(missing)}")
         errors = sum(done[g][1] - (before.get(g) or (0, 0))[1] for g in done
                      if before.get(g) is not None)
@@ -154,7 +181,7 @@ class Checker:
     def guest_identity_changes(self) -> list[str]:
         doms = self.fi.domains()
         changed = []
-        for g in self.disk_guests:
+        for g in self.io_guests:
             d = doms.get(g)
             now = (d["domid"], d.get("pid")) if d else None
             if now != self.identity.get(g):
@@ -178,11 +205,17 @@ class Checker:
             self.findings["hypervisor_or_dom0_failures"] += 1
             problems.append(f"dom0 does not answer: {exc}")
             return problems
-        for name in ["Domain-0", *self.bystanders]:
-            if name == target:
-                continue
+        # The fault's target (and the previous one, whose restart may have ended
+        # since) may change identity; every other domain must not.
+        aimed = {target, self._last_target}
+        self._last_target = target or self._last_target
+        for name in ["Domain-0", *self.bystanders, *self.drivers]:
             d = doms.get(name)
             now = (d["domid"], d.get("pid")) if d else None
+            if name in aimed or (not target and name in self.drivers):
+                if now is not None:
+                    self.identity[name] = now
+                continue
             if now != self.identity.get(name):
                 problems.append(f"{name} changed from {self.identity.get(name)} to {now}")
                 self.findings["unaffected_domain_disruptions"] += 1
@@ -241,16 +274,40 @@ class Checker:
                     self.findings["notes"].append(f"{g}: {line.strip()}")
         if counted > lost + corrupted:     # failures the console lost: count them as lost
             lost += counted - lost - corrupted
+        self.findings["network"] = self.network()
+        corrupted += self.findings["network"]["udp_corrupted"]
         self.findings.update(lost_writes=lost, corrupted_reads=corrupted,
                              verify_failures=counted, guest_io_errors=errors,
                              unswept=sorted(pending))
         return self.findings
 
 
-def _console_lines(run_dir: str, name: str) -> list[str]:
+    def network(self) -> dict:
+        """The UDP checker's totals over every networked guest.
+
+        UDP promises nothing, so datagrams lost while a vif reconnects (or
+        its driver domain restarts), duplicated or reordered are *reported*,
+        not failures: ``udp_lost`` counts sequence numbers below a receiver's
+        highest that never arrived.  A datagram whose body does not match its
+        header is data corruption, which nothing excuses: ``udp_corrupted``
+        counts those (each guest prints ``UDP VERIFY FAILURE``), and they are
+        added to ``corrupted_reads``.
+        """
+        out = {"udp_tx": 0, "udp_rx": 0, "udp_lost": 0, "udp_dup": 0, "udp_reordered": 0,
+               "udp_corrupted": 0}
+        for g in self.net_guests:
+            for key in ("udp_tx", "udp_rx", "udp_lost", "udp_dup", "udp_reordered"):
+                out[key] += int(max(0, self.counter(g, key)))
+            out["udp_corrupted"] += sum(1 for ln in _console_lines(self.run_dir, g, "UDP VERIFY FAILURE"))
+        out["udp_loss_ratio"] = round(out["udp_lost"] / out["udp_tx"], 6) if out["udp_tx"] else 0.0
+        return out
+
+
+def _console_lines(run_dir: str, name: str, what: str = "VERIFY FAILURE") -> list[str]:
     try:
         with open(os.path.join(run_dir, "console", f"{name}.log"), errors="replace") as f:
-            return [ln for ln in f if "VERIFY FAILURE" in ln]
+            return [ln for ln in f if what in ln and (what != "VERIFY FAILURE"
+                                                     or "UDP VERIFY FAILURE" not in ln)]
     except OSError:
         return []
 

@@ -85,14 +85,19 @@ class FaultInjector:
     def is_driver_domain(self, domid: int) -> bool:
         return self.xs.read_or(f"/local/domain/{domid}/data/heartbeat") is not None
 
-    def backends(self, domid: int) -> list[str]:
-        """Backend directories this domain serves (``.../backend/vbd/<fe>/<devid>``)."""
+    def backends(self, domid: int, devtype: str = "") -> list[str]:
+        """Backend directories this domain serves (``.../backend/<vbd|vif>/<fe>/<devid>``)."""
         out = []
-        root = f"/local/domain/{domid}/backend/vbd"
-        for fe in self.xs.directory(root):
-            for dev in self.xs.directory(f"{root}/{fe}"):
-                out.append(f"{root}/{fe}/{dev}")
+        for t in ([devtype] if devtype else ["vbd", "vif"]):
+            root = f"/local/domain/{domid}/backend/{t}"
+            for fe in self.xs.directory(root):
+                for dev in self.xs.directory(f"{root}/{fe}"):
+                    out.append(f"{root}/{fe}/{dev}")
         return out
+
+    def serves(self, domid: int, devtype: str) -> bool:
+        """Does this domain serve devices of ``devtype`` ("" : anything)?"""
+        return not devtype or bool(self.xs.directory(f"/local/domain/{domid}/backend/{devtype}"))
 
     # -- inject ----------------------------------------------------------------------
     def inject(self, kind: str, domain: str | int, mode: str | None = None, seed: int = 0,
@@ -113,6 +118,9 @@ class FaultInjector:
         if t.targets == "guest" and driver:
             raise FaultError(f"{t.name} targets guests (their frontends); {info['name']} is a "
                              f"driver domain")
+        if t.serves and t.targets != "guest" and not self.serves(domid, t.serves):
+            raise FaultError(f"{t.name} needs a driver domain serving {t.serves} devices; "
+                             f"{info['name']} (d{domid}) serves none")
         merged = dict(t.defaults)
         for k, v in params.items():
             if v is not None:
@@ -157,7 +165,7 @@ class FaultInjector:
             os.kill(inj.pid, signal.SIGKILL if t.mode == "sigkill" else signal.SIGSTOP)
             inj.detail = f"{t.mode.upper()} pid {inj.pid}"
         elif t.mode in ("xs-delete", "xs-rewrite"):
-            paths = self.backends(inj.domid)
+            paths = self.backends(inj.domid, t.serves)
             if device:
                 paths = [x for x in paths if x.endswith("/" + device.replace(":", "/"))
                          or x.rsplit("/", 1)[-1] == device]
@@ -233,9 +241,9 @@ class FaultInjector:
                 pass
 
     # -- probes: is a guest completing I/O? -------------------------------------------
-    def probe(self, domain: str | int, timeout: float = 2.0) -> tuple[int, int] | None:
-        """(I/O completions, error completions) the guest's agent has counted; None if
-        it does not answer within ``timeout``."""
+    def probe(self, domain: str | int, timeout: float = 2.0) -> tuple[int, int, int] | None:
+        """(I/O completions, error completions, UDP datagrams received) the guest's
+        agent has counted; None if it does not answer within ``timeout``."""
         try:
             domid = self.find(domain)["domid"]
         except FaultError:
@@ -252,7 +260,7 @@ class FaultInjector:
             raw = self.xs.read_or(reply)
             if raw:
                 parts = raw.decode(errors="replace").split()
-                if len(parts) == 3 and parts[0] == token:
-                    return int(parts[1]), int(parts[2])
+                if len(parts) >= 3 and parts[0] == token:
+                    return int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) > 3 else 0
             time.sleep(0.002)
         return None

@@ -25,23 +25,40 @@ type = "pv"
 kernel = "driverdom"
 memory = 64
 driver_domain = 1
-extra = "heartbeat=0.2"
+extra = "heartbeat=0.2 device_timeout=0.5"
 on_crash = "restart"
 """
 
 
-def guest_config(name: str, workload: str = "disk", disk: bool = True, size: str = "16M") -> str:
+NET_DRIVER = DRIVER.replace('"blkdom"', '"netdom"')
+
+
+def guest_config(name: str, workload: str = "disk", disk: bool = True, size: str = "16M",
+                 vif: str | None = None) -> str:
+    """A guest's xl.cfg; ``vif`` is ``"<n>"`` for a vif on netdom with MAC
+    00:16:3e:00:00:<n> and address 10.0.0.<n>."""
     text = (f'name = "{name}"\ntype = "pv"\nkernel = "domu"\nmemory = 64\nmaxmem = 128\n'
             f'workload = "{workload}"\non_crash = "restart"\n')
     if disk:
         text += (f'disk = ["format=raw, vdev=xvda, access=rw, backend=blkdom, '
                  f'target=disks/{name}.img?size={size}"]\n')
+    if vif is not None:
+        text += (f'vif = ["mac=00:16:3e:00:00:{int(vif):02x}, bridge=xenbr0, backend=netdom, '
+                 f'ip=10.0.0.{int(vif)}/24"]\n')
     return text
 
 
-def default_configs() -> dict[str, str]:
-    """blkdom, two guests running the verifying disk workload, and a bystander with no disk."""
-    return {"blkdom": DRIVER, "guest1": guest_config("guest1"), "guest2": guest_config("guest2"),
+def default_configs(network: bool = True) -> dict[str, str]:
+    """blkdom and netdom, two guests running the verifying disk workload and a
+    checked UDP stream to each other, and a bystander with no device at all
+    (``network=False``: blkdom and disk-only guests)."""
+    if not network:
+        return {"blkdom": DRIVER, "guest1": guest_config("guest1"),
+                "guest2": guest_config("guest2"),
+                "bystander": guest_config("bystander", workload="heartbeat", disk=False)}
+    return {"blkdom": DRIVER, "netdom": NET_DRIVER,
+            "guest1": guest_config("guest1", "disk+net peer=10.0.0.2", vif="1"),
+            "guest2": guest_config("guest2", "disk+net peer=10.0.0.1", vif="2"),
             "bystander": guest_config("bystander", workload="heartbeat", disk=False)}
 
 

@@ -208,6 +208,10 @@ class Toolstack:
             await remove_domain_entries(self.xs, domid)
         except Exception:
             log.exception("releasing d%d from xenstored", domid)
+        await self._destroydomain(domid)
+
+    async def _destroydomain(self, domid: int) -> None:
+        """The hypervisor's part of destroying: kill, close ports, release grants."""
         try:
             await self.hv.call("domctl", "destroydomain", domid=domid)
         except HypercallError as exc:
@@ -289,13 +293,47 @@ class Toolstack:
                                 f" -> {action}")
             if action == "preserve":
                 continue
-            await self._teardown(info["domid"])
             if action in ("restart", "rename-restart", "coredump-restart"):
-                record.restarts += 1
-                try:
-                    await self.create(record.config)
-                except ToolstackError as exc:
-                    log.error("restarting %s failed: %s", record.config.name, exc)
+                await self.restart(info["domid"])
+            else:
+                await self._teardown(info["domid"])
+
+    async def restart(self, domid: int) -> int | None:
+        """Destroy a domain and build it again from its config; the new domid.
+
+        The order is chosen for the time guests wait on a driver domain:
+        first the old domain is destroyed in the hypervisor (its process is
+        killed, so whatever it still held - a disk image, rings - is let go
+        and it cannot touch them again), then the new one is built (which
+        rebinds every device the old one served), and only then is the rest
+        of the old domain's bookkeeping undone (its XenStore home, its store
+        ring, its console).  Nothing of the new domain depends on that
+        bookkeeping: it has a new domid, and the device records already name
+        it, so the old domain's directories are removed without touching it.
+        A guest (not a driver domain) is torn down fully first: its devices
+        (a vif's MAC) must be free before the new guest claims them.
+        """
+        record = self.records.get(domid)
+        if record is None:
+            return None
+        driver = bool(getattr(record.config, "driver_domain", False))
+        if driver:
+            await self._destroydomain(domid)
+        else:
+            # A guest's own devices (its vif's MAC, its disks) are unique to
+            # it: the old ones must be gone before the new guest asks for them.
+            await self._teardown(domid)
+        new = None
+        try:
+            new = await self.create(record.config)
+        except ToolstackError as exc:
+            log.error("restarting %s failed: %s", record.config.name, exc)
+        finally:
+            if driver:
+                await self._teardown(domid)
+        if new is not None and new in self.records:
+            self.records[new].restarts = record.restarts + 1
+        return new
 
     @staticmethod
     def _action(cfg, reason: int) -> str:

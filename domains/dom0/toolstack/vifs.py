@@ -190,6 +190,7 @@ class VifDevices:
                 await t.set_perms(fe, fe_perms)
                 for child in await t.directory(fe):
                     await t.set_perms(f"{fe}/{child}", fe_perms)
+                await _forget_stale_handshake(t, fe)
             await t.write(f"{fe}/backend-id", str(vif.backend))
             await t.write(f"{fe}/backend", be)
             await t.set_perms(f"{fe}/backend-id", fe_perms)
@@ -230,3 +231,22 @@ class VifDevices:
                         "rx_ring_ref": await rd(f"{fe}/rx-ring-ref"),
                         "be_path": vif.be_path if up else "-"})
         return out
+
+
+async def _forget_stale_handshake(t, fe: str) -> None:
+    """A frontend left in Initialised offered its ring to the *old* backend.
+
+    The new backend is not running yet (it starts after this rebind), so an
+    Initialised it would find is stale by definition: its ``ring-ref`` and
+    ``event-channel`` were granted to a domain that is gone, and connecting to
+    them fails.  Put the frontend back to Initialising in the same
+    transaction; the frontend, which sees ``backend`` change, starts over
+    anyway (and its own transactional publish conflicts with this one).
+    """
+    from domains.kernel.xenbus import XenbusState, parse_state
+    try:
+        state = parse_state(await t.read(f"{fe}/state"))
+    except OSError:
+        return
+    if state == XenbusState.Initialised:
+        await t.write(f"{fe}/state", str(int(XenbusState.Initialising)))
