@@ -74,8 +74,9 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from domains.kernel import faultpoint
-from domains.kernel.xenbus import (FrontendDevice, XenbusState, peer_gone, read_int, read_state,
-                                   still_waiting, wait_until)
+from domains.kernel.xenbus import (FrontendDevice, XenbusState, connect_retrying,
+                                   frontend_start_over, peer_gone, publish_and_wait_connected,
+                                   read_int, wait_until)
 from ipc import blkif
 from ipc.page import PAGE_SIZE
 from ipc.ring import FrontRing, RingCorruptError, ring_size
@@ -359,17 +360,7 @@ class BlkFront:
     # -- the connection loop ----------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            try:
-                conn = await self._connect()
-            except Exception as exc:
-                # A backend that died mid-handshake makes our hypercalls naming it
-                # (grant, alloc_unbound) or our XenStore reads fail: start over.
-                log.warning("%s: connecting failed (%s: %s); starting over",
-                            self.dev.nodename, type(exc).__name__, exc)
-                await trio.sleep(RETRY_DELAY)
-                continue
-            if conn is None:
-                continue
+            conn = await connect_retrying(self.dev.nodename, self._connect, RETRY_DELAY, log)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._responses, conn)
@@ -393,41 +384,11 @@ class BlkFront:
         port = await k.events.alloc_unbound(be_id)
         conn = _Conn(be_path, be_id, page, ring_ref, ring, port, persistent)
 
-        async def publish(t) -> bool:
-            # Publish only for the backend we set up for, and only while it
-            # waits for us: a stale Initialised (refs granted to a backend that
-            # has since gone) would be read by the next backend as ours.
-            # Reading both nodes inside the transaction makes a concurrent
-            # rebind conflict with it, so the check holds at commit.
-            if not await still_waiting(t, dev.nodename, be_path):
-                return False
-            await t.write(f"{dev.nodename}/ring-ref", str(ring_ref))
-            await t.write(f"{dev.nodename}/event-channel", str(port.port))
-            await t.write(f"{dev.nodename}/protocol", "x86_64-abi")
-            await t.write(f"{dev.nodename}/feature-persistent", "1" if persistent else "0")
-            await t.write(f"{dev.nodename}/state", str(int(XenbusState.Initialised)))
-            return True
         try:
-            if not await xs.run_transaction(publish):
-                log.info("%s: backend %s stopped waiting before we published; starting over",
-                         dev.nodename, be_path)
-                await self._disconnect(conn)
-                return None
-
-            async def backend_answered():
-                if await dev.backend_path() != be_path:
-                    return "moved"
-                st = await read_state(xs, be_path)
-                if st == XenbusState.Connected:
-                    return "connected"
-                if st in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
-                    return "failed"
-                return None
-            outcome = await wait_until(xs, [f"{be_path}/state", f"{dev.nodename}/backend"],
-                                       backend_answered, poll=0.2)
-            if outcome != "connected":
-                log.info("%s: backend %s did not connect (%s); starting over",
-                         dev.nodename, be_path, outcome)
+            if not await publish_and_wait_connected(dev, be_path, [
+                    ("ring-ref", str(ring_ref)), ("event-channel", str(port.port)),
+                    ("protocol", "x86_64-abi"),
+                    ("feature-persistent", "1" if persistent else "0")], log):
                 await self._disconnect(conn)
                 return None
             self.sectors = await read_int(xs, f"{be_path}/sectors", 0) or 0
@@ -491,16 +452,7 @@ class BlkFront:
 
     async def _watch_backend(self, conn: _Conn) -> None:
         dev = self.dev
-
-        async def gone():
-            if await dev.backend_path() != conn.be_path:
-                return "backend moved"
-            st = await read_state(self.xs, conn.be_path)
-            if st != XenbusState.Connected:
-                return f"backend state {st.name}"
-            return None
-        why = await wait_until(self.xs, [f"{conn.be_path}/state", f"{dev.nodename}/backend"],
-                               gone)
+        why = await dev.wait_for_backend_gone(conn.be_path)
         log.info("%s: lost backend %s: %s", dev.nodename, conn.be_path, why)
         conn.lost.set()
 
@@ -522,16 +474,7 @@ class BlkFront:
             if not self.k.grants.end_access(gref):
                 log.warning("grant %d still mapped by the backend; leaking it", gref)
         conn.pgrants.clear()
-        with trio.move_on_after(CLEANUP_TIMEOUT):
-            try:
-                await self.dev.switch_state(XenbusState.Initialising)
-            except OSError:
-                pass
-        with trio.move_on_after(CLEANUP_TIMEOUT):
-            try:
-                await conn.port.close()
-            except Exception:
-                pass
+        await frontend_start_over(self.dev, conn.port, CLEANUP_TIMEOUT)
         conn.ring.release()
         if self.k.grants.end_access(conn.ring_ref):
             with trio.move_on_after(CLEANUP_TIMEOUT):

@@ -63,12 +63,19 @@ def describe(data: bytes) -> str:
 
 
 class DiskChecker:
-    """The model: last acknowledged version of every block written."""
+    """The model: last acknowledged version of every block written.
+
+    A read must return the last acknowledged version, or the one being written
+    right now, or one whose write *failed*: a write answered with an error is
+    indeterminate (as on a real disk, it may or may not have reached the
+    medium), so both outcomes are legal until the block is written again.
+    """
 
     def __init__(self, domid: int) -> None:
         self.domid = domid
         self.acked: dict[int, int] = {}
         self.writing: set[int] = set()      # blocks with a write in flight
+        self.indeterminate: dict[int, int] = {}   # block -> version of a failed write
         self.failures: list[str] = []
 
     def expected(self, block: int) -> bytes | None:
@@ -81,6 +88,9 @@ class DiskChecker:
             return True
         if block in self.writing and data == block_content(self.domid, block, self.acked[block] + 1):
             return True      # the in-flight write landed before our read: fine
+        failed = self.indeterminate.get(block)
+        if failed is not None and data == block_content(self.domid, block, failed):
+            return True      # a write that failed did land after all: allowed
         self.failures.append(f"block {block}: expected version {self.acked[block]}, "
                              f"read {describe(data)}")
         return False
@@ -132,6 +142,10 @@ async def run(k, xs, console, prefix: str = "") -> None:
                             await dev.write(block * SECTORS_PER_BLOCK,
                                             block_content(k.domid, block, version))
                             checker.acked[block] = version
+                            checker.indeterminate.pop(block, None)
+                        except BlockIOError:
+                            checker.indeterminate[block] = version
+                            raise
                         finally:
                             checker.writing.discard(block)
                         writes += 1

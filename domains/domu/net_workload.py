@@ -209,9 +209,12 @@ async def run(k, xs, console, udp: bool = True, prefix: str = "") -> None:
                     await trio.sleep(ping_timeout)     # ARP not answered yet: try again
                     continue
                 except OSError as exc:
+                    # A send that fails (no backend for a moment, no grant free) is
+                    # an error to count, not a reason to stop the stream for good.
                     counters["errors"] += 1
                     await console.write(f"udp to {peer}: {exc}\n")
-                    return
+                    await trio.sleep(ping_timeout)
+                    continue
                 await trio.sleep(udp_interval)
 
         async def udp_receiver() -> None:

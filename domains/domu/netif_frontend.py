@@ -57,8 +57,9 @@ import trio
 
 from domains.domu.blkfront import CLEANUP_TIMEOUT, RETRY_DELAY
 from domains.domu.netfront import Netfront
-from domains.kernel.xenbus import (FrontendDevice, XenbusState, peer_gone, read_node, read_state,
-                                   still_waiting, wait_until)
+from domains.kernel.xenbus import (FrontendDevice, XenbusState, connect_retrying,
+                                   frontend_start_over, peer_gone, publish_and_wait_connected,
+                                   read_node, wait_until)
 from ipc.ring import RingError
 
 if TYPE_CHECKING:
@@ -113,17 +114,8 @@ class NetifFrontend:
     # -- the connection loop ---------------------------------------------------------
     async def _run(self, nursery: trio.Nursery) -> None:
         while True:
-            try:
-                port = await self._connect(nursery)
-            except Exception as exc:
-                # A backend that died mid-handshake makes our hypercalls naming
-                # it, or our XenStore reads, fail: start over.
-                log.warning("%s: connecting failed (%s: %s); starting over",
-                            self.dev.nodename, type(exc).__name__, exc)
-                await trio.sleep(RETRY_DELAY)
-                continue
-            if port is None:
-                continue
+            port = await connect_retrying(self.dev.nodename, lambda: self._connect(nursery),
+                                          RETRY_DELAY, log)
             try:
                 why = await self._watch(port.inner if isinstance(port, _WatchedPort) else port,
                                         port)
@@ -134,7 +126,7 @@ class NetifFrontend:
             self.stats["reconnects"] += 1
 
     async def _connect(self, nursery: trio.Nursery):
-        dev, xs, k = self.dev, self.xs, self.k
+        dev, k = self.dev, self.k
         be_path, be_id = await dev.wait_for_backend({XenbusState.InitWait})
         if self.nf is None:
             self.nf = await Netfront.create(k.grants, k.memory, be_id, self.nr_tx_pages,
@@ -146,39 +138,11 @@ class NetifFrontend:
         port = _WatchedPort(await k.events.alloc_unbound(be_id), nf)
         self.backend_path = be_path
 
-        async def publish(t) -> bool:
-            # Only for the backend we set up for, while it still waits for us
-            # (see blkfront: a stale Initialised would mislead the next backend).
-            if not await still_waiting(t, dev.nodename, be_path):
-                return False
-            await t.write(f"{dev.nodename}/tx-ring-ref", str(nf.tx_ring_ref))
-            await t.write(f"{dev.nodename}/rx-ring-ref", str(nf.rx_ring_ref))
-            await t.write(f"{dev.nodename}/event-channel", str(port.port))
-            await t.write(f"{dev.nodename}/request-rx-copy", "1")
-            await t.write(f"{dev.nodename}/feature-rx-notify", "1")
-            await t.write(f"{dev.nodename}/state", str(int(XenbusState.Initialised)))
-            return True
         try:
-            if not await xs.run_transaction(publish):
-                log.info("%s: backend %s stopped waiting before we published; starting over",
-                         dev.nodename, be_path)
-                await self._disconnect(port)
-                return None
-
-            async def backend_answered():
-                if await dev.backend_path() != be_path:
-                    return "moved"
-                st = await read_state(xs, be_path)
-                if st == XenbusState.Connected:
-                    return "connected"
-                if st in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
-                    return "failed"
-                return None
-            outcome = await wait_until(xs, [f"{be_path}/state", f"{dev.nodename}/backend"],
-                                       backend_answered, poll=0.2)
-            if outcome != "connected":
-                log.info("%s: backend %s did not connect (%s); starting over",
-                         dev.nodename, be_path, outcome)
+            if not await publish_and_wait_connected(dev, be_path, [
+                    ("tx-ring-ref", str(nf.tx_ring_ref)), ("rx-ring-ref", str(nf.rx_ring_ref)),
+                    ("event-channel", str(port.port)), ("request-rx-copy", "1"),
+                    ("feature-rx-notify", "1")], log):
                 await self._disconnect(port)
                 return None
             if self.ip is None:
@@ -212,15 +176,7 @@ class NetifFrontend:
         result: list[str] = []
         async with trio.open_nursery() as nursery:
             async def state_gone() -> None:
-                async def gone():
-                    if await dev.backend_path() != be_path:
-                        return "backend moved"
-                    st = await read_state(self.xs, be_path)
-                    if st != XenbusState.Connected:
-                        return f"backend state {st.name}"
-                    return None
-                result.append(await wait_until(
-                    self.xs, [f"{be_path}/state", f"{dev.nodename}/backend"], gone))
+                result.append(await dev.wait_for_backend_gone(be_path))
                 nursery.cancel_scope.cancel()
 
             async def channel_gone() -> None:
@@ -252,16 +208,7 @@ class NetifFrontend:
                 await self.nf.disconnect()
             except Exception:
                 log.exception("%s: netfront disconnect failed", self.dev.nodename)
-        with trio.move_on_after(CLEANUP_TIMEOUT):
-            try:
-                await self.dev.switch_state(XenbusState.Initialising)
-            except OSError:
-                pass
-        with trio.move_on_after(CLEANUP_TIMEOUT):
-            try:
-                await port.close()
-            except Exception:
-                pass
+        await frontend_start_over(self.dev, port, CLEANUP_TIMEOUT)
 
 
 class _WatchedPort:

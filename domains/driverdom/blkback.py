@@ -75,7 +75,9 @@ import trio
 from domains.kernel import faultpoint
 from domains.kernel.grant_table import GrantError, Mapping
 from ipc.channel import HypercallError
-from domains.kernel.xenbus import XenbusState, device_progress, read_int, read_node, read_state, switch_state, wait_until
+from domains.kernel.xenbus import (FRONTEND_GONE, XenbusState, backend_fail, backend_handshake,
+                                   device_progress, frontend_is, read_int, read_node,
+                                   switch_state, wait_until)
 from ipc import blkif
 from ipc.ring import BackRing, RingCorruptError, RingError
 
@@ -160,34 +162,12 @@ class BlkBack:
             await xs.write(f"{path}/{key}", str(value).encode())
         log.info("%s: serving %s (%d sectors, %s) to d%d", path, params, self.sectors,
                  "ro" if self.readonly else "rw", fe_id)
-        while True:
-            await switch_state(xs, path, XenbusState.InitWait)
-            # Connect only on Initialised: a frontend still showing Connected is
-            # talking about a ring from before (a previous backend's).
-            await wait_until(xs, [f"{fe_path}/state"], self._frontend_is(fe_path, {XenbusState.Initialised}))
-            try:
-                await self._connect_and_serve(fe_path, fe_id)
-            except Disconnect as exc:
-                await self._fail(str(exc))
-                return
-            await switch_state(xs, path, XenbusState.Closing)
-            await switch_state(xs, path, XenbusState.Closed)
-            # Wait for the frontend to start over (or be gone).
-            await wait_until(xs, [f"{fe_path}/state"], self._frontend_is(
-                fe_path, {XenbusState.Initialising, XenbusState.Closed, XenbusState.Unknown}))
-
-    def _frontend_is(self, fe_path: str, states: set[XenbusState]):
-        async def check():
-            return await read_state(self.xs, fe_path) in states
-        return check
+        await backend_handshake(xs, path, fe_path,
+                                lambda: self._connect_and_serve(fe_path, fe_id),
+                                Disconnect, log)
 
     async def _fail(self, why: str) -> None:
-        log.warning("%s: %s", self.path, why)
-        try:
-            await self.xs.write(f"{self.path}/error", why.encode()[:1000])
-            await switch_state(self.xs, self.path, XenbusState.Closed)
-        except OSError:
-            pass
+        await backend_fail(self.xs, self.path, why, log)
 
     async def _connect_and_serve(self, fe_path: str, fe_id: int) -> None:
         xs = self.xs
@@ -218,9 +198,8 @@ class BlkBack:
                      port.port, "persistent" if persistent else "per-request")
             async with trio.open_nursery() as nursery:
                 async def watch_frontend() -> None:
-                    await wait_until(xs, [f"{fe_path}/state"], self._frontend_is(
-                        fe_path, {XenbusState.Initialising, XenbusState.Closing,
-                                  XenbusState.Closed, XenbusState.Unknown}))
+                    await wait_until(xs, [f"{fe_path}/state"],
+                                     frontend_is(xs, fe_path, FRONTEND_GONE))
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(watch_frontend)
                 await conn.serve()

@@ -53,7 +53,9 @@ import trio
 from domains.driverdom.bridge import Bridge, BridgeError
 from domains.driverdom.netback import Netback
 from domains.kernel.grant_table import GrantError
-from domains.kernel.xenbus import XenbusState, device_progress, read_int, read_node, read_state, switch_state, wait_until
+from domains.kernel.xenbus import (FRONTEND_GONE, XenbusState, backend_fail, backend_handshake,
+                                   device_progress, frontend_is, read_int, read_node,
+                                   switch_state, wait_until)
 
 if TYPE_CHECKING:
     from domains.kernel.boot import Kernel
@@ -113,32 +115,12 @@ class NetifBackend:
                            ("feature-gso-tcpv4", 0), ("feature-multicast-control", 0)):
             await xs.write(f"{path}/{key}", str(value).encode())
         log.info("%s: %s for d%d on bridge %s", path, name, fe_id, bridge_name)
-        while True:
-            await switch_state(xs, path, XenbusState.InitWait)
-            await wait_until(xs, [f"{fe_path}/state"],
-                             self._frontend_is(fe_path, {XenbusState.Initialised}))
-            try:
-                await self._connect_and_serve(fe_path, fe_id, name, bridge_name)
-            except VifRefused as exc:
-                await self._fail(str(exc))
-                return
-            await switch_state(xs, path, XenbusState.Closing)
-            await switch_state(xs, path, XenbusState.Closed)
-            await wait_until(xs, [f"{fe_path}/state"], self._frontend_is(
-                fe_path, {XenbusState.Initialising, XenbusState.Closed, XenbusState.Unknown}))
-
-    def _frontend_is(self, fe_path: str, states: set[XenbusState]):
-        async def check():
-            return await read_state(self.xs, fe_path) in states
-        return check
+        await backend_handshake(xs, path, fe_path,
+                                lambda: self._connect_and_serve(fe_path, fe_id, name, bridge_name),
+                                VifRefused, log)
 
     async def _fail(self, why: str) -> None:
-        log.warning("%s: %s", self.path, why)
-        try:
-            await self.xs.write(f"{self.path}/error", why.encode()[:1000])
-            await switch_state(self.xs, self.path, XenbusState.Closed)
-        except OSError:
-            pass
+        await backend_fail(self.xs, self.path, why, log)
 
     async def _connect_and_serve(self, fe_path: str, fe_id: int, name: str,
                                  bridge_name: str) -> None:
@@ -190,9 +172,8 @@ class NetifBackend:
                          self.path, tx_ref, rx_ref, port.port)
 
                 async def watch_frontend() -> None:
-                    await wait_until(xs, [f"{fe_path}/state"], self._frontend_is(
-                        fe_path, {XenbusState.Initialising, XenbusState.Closing,
-                                  XenbusState.Closed, XenbusState.Unknown}))
+                    await wait_until(xs, [f"{fe_path}/state"],
+                                     frontend_is(xs, fe_path, FRONTEND_GONE))
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(watch_frontend)
                 # nb.run is a child: it returns when the vif is closed or the

@@ -34,7 +34,14 @@ Here
     and follows it) and :class:`BackendWatcher` (a driver domain's loop that
     starts one backend per directory that appears under
     ``/local/domain/<self>/backend/<type>/`` and stops it when the directory
-    goes).  The block drivers use them; the network drivers can too.
+    goes).  It also holds the two halves of the handshake that every device
+    type runs the same way: the frontend's :func:`publish_and_wait_connected`
+    (publish its ring details and Initialised in one transaction, then wait
+    for the backend's Connected; :func:`connect_retrying` and
+    :func:`frontend_start_over` start it over) and the backend's
+    :func:`backend_handshake` (InitWait, wait for Initialised, connect and
+    serve, Closing/Closed, wait for the frontend to start over).  The block
+    and network drivers use them.
 
 Invariant
     A state written by the other end is data from a possibly hostile domain:
@@ -52,11 +59,13 @@ from __future__ import annotations
 
 import logging
 from enum import IntEnum
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, TypeVar
 
 import trio
 
 log = logging.getLogger("xenbus")
+
+T = TypeVar("T")
 
 
 class XenbusState(IntEnum):
@@ -207,6 +216,168 @@ class FrontendDevice:
                 found = await wait_until(self.xs, paths, check)
                 if found is not _MOVED:
                     return found
+
+
+    async def wait_for_backend_gone(self, be_path: str) -> str:
+        """Wait until the backend we are connected to at ``be_path`` is gone:
+        ``backend`` names another one, or its state left Connected (a vanished
+        directory reads as Unknown).  Return why, for the log."""
+        async def gone():
+            if await self.backend_path() != be_path:
+                return "backend moved"
+            st = await read_state(self.xs, be_path)
+            if st != XenbusState.Connected:
+                return f"backend state {st.name}"
+            return None
+        return await wait_until(self.xs, [f"{be_path}/state", f"{self.nodename}/backend"], gone)
+
+
+async def publish_and_wait_connected(dev: FrontendDevice, be_path: str,
+                                     nodes: Iterable[tuple[str, str]],
+                                     logger: logging.Logger = log) -> bool:
+    """The frontend's half of the handshake, once its ring and channel exist.
+
+    In one transaction, and only while ``backend`` still names ``be_path`` in
+    InitWait, write ``nodes`` (``ring-ref``, ``event-channel``, ...) into the
+    frontend's directory and switch to Initialised; then wait for that backend
+    to answer.  True once it is Connected; False (logged) when it stopped
+    waiting before we published, moved, or closed instead: the caller gives
+    back what it set up and starts over.
+    """
+    xs, fe_path = dev.xs, dev.nodename
+    nodes = list(nodes)
+
+    async def publish(t) -> bool:
+        # Publish only for the backend we set up for, and only while it
+        # waits for us: a stale Initialised (refs granted to a backend that
+        # has since gone) would be read by the next backend as ours.
+        # Reading both nodes inside the transaction makes a concurrent
+        # rebind conflict with it, so the check holds at commit.
+        if not await still_waiting(t, fe_path, be_path):
+            return False
+        for key, value in nodes:
+            await t.write(f"{fe_path}/{key}", value)
+        await t.write(f"{fe_path}/state", str(int(XenbusState.Initialised)))
+        return True
+    if not await xs.run_transaction(publish):
+        logger.info("%s: backend %s stopped waiting before we published; starting over",
+                    fe_path, be_path)
+        return False
+
+    async def backend_answered():
+        if await dev.backend_path() != be_path:
+            return "moved"
+        st = await read_state(xs, be_path)
+        if st == XenbusState.Connected:
+            return "connected"
+        if st in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
+            return "failed"
+        return None
+    outcome = await wait_until(xs, [f"{be_path}/state", f"{fe_path}/backend"],
+                               backend_answered, poll=0.2)
+    if outcome != "connected":
+        logger.info("%s: backend %s did not connect (%s); starting over",
+                    fe_path, be_path, outcome)
+        return False
+    return True
+
+
+async def connect_retrying(what: str, connect: Callable[[], Awaitable[T | None]],
+                           retry_delay: float, logger: logging.Logger = log) -> T:
+    """The frontend's "start over" loop: ``await connect()`` until it returns a
+    connection.  None (the backend did not connect) means try again at once;
+    an exception means a handshake step failed, so try again after
+    ``retry_delay`` seconds."""
+    while True:
+        try:
+            conn = await connect()
+        except Exception as exc:
+            # A backend that died mid-handshake makes our hypercalls naming it
+            # (grant, alloc_unbound) or our XenStore reads fail: start over.
+            logger.warning("%s: connecting failed (%s: %s); starting over",
+                           what, type(exc).__name__, exc)
+            await trio.sleep(retry_delay)
+            continue
+        if conn is not None:
+            return conn
+
+
+async def frontend_start_over(dev: FrontendDevice, port, timeout: float) -> None:
+    """Leave a dead connection: back to Initialising (so the next backend sees
+    a frontend starting over) and close our event channel ``port``.  Each
+    step is bounded by ``timeout``: a lost reply must not keep the device
+    from reaching the next backend."""
+    with trio.move_on_after(timeout):
+        try:
+            await dev.switch_state(XenbusState.Initialising)
+        except OSError:
+            pass
+    with trio.move_on_after(timeout):
+        try:
+            await port.close()
+        except Exception:
+            pass
+
+
+#: Frontend states that mean "it left the connection" (or its directory went).
+FRONTEND_GONE = frozenset({XenbusState.Initialising, XenbusState.Closing,
+                           XenbusState.Closed, XenbusState.Unknown})
+#: Frontend states from which a new handshake can begin.
+FRONTEND_RESTARTED = frozenset({XenbusState.Initialising, XenbusState.Closed,
+                                XenbusState.Unknown})
+
+
+def frontend_is(xs, fe_path: str, states: Iterable[XenbusState]) -> Callable[[], Awaitable[bool]]:
+    """A :func:`wait_until` check: is the frontend's state one of ``states``?"""
+    states = frozenset(states)
+
+    async def check() -> bool:
+        return await read_state(xs, fe_path) in states
+    return check
+
+
+async def backend_fail(xs, path: str, why: str, logger: logging.Logger = log) -> None:
+    """Close a backend device on purpose: write ``error`` saying why, then Closed.
+
+    The frontend sees Closed; the BackendWatcher leaves the device alone
+    until its directory is re-made."""
+    logger.warning("%s: %s", path, why)
+    try:
+        await xs.write(f"{path}/error", why.encode()[:1000])
+        await switch_state(xs, path, XenbusState.Closed)
+    except OSError:
+        pass
+
+
+async def backend_handshake(xs, path: str, fe_path: str,
+                            connect_and_serve: Callable[[], Awaitable[None]],
+                            refused: type[Exception] | tuple[type[Exception], ...],
+                            logger: logging.Logger = log) -> None:
+    """The backend's half of the handshake, for as many connections as the
+    frontend makes.
+
+    InitWait; wait for the frontend's Initialised; ``connect_and_serve()``
+    (which switches to Connected and returns when the connection ends);
+    Closing, Closed; wait for the frontend to start over, and again.  An
+    exception of type ``refused`` (the frontend's fault) closes the device
+    with ``error`` (:func:`backend_fail`) and returns; any other propagates
+    to the BackendWatcher, which restarts the device.
+    """
+    while True:
+        await switch_state(xs, path, XenbusState.InitWait)
+        # Connect only on Initialised: a frontend still showing Connected is
+        # talking about a ring from before (a previous backend's).
+        await wait_until(xs, [f"{fe_path}/state"],
+                         frontend_is(xs, fe_path, {XenbusState.Initialised}))
+        try:
+            await connect_and_serve()
+        except refused as exc:
+            await backend_fail(xs, path, str(exc), logger)
+            return
+        await switch_state(xs, path, XenbusState.Closing)
+        await switch_state(xs, path, XenbusState.Closed)
+        # Wait for the frontend to start over (or be gone).
+        await wait_until(xs, [f"{fe_path}/state"], frontend_is(xs, fe_path, FRONTEND_RESTARTED))
 
 
 #: How long one liveness question to the hypervisor may take before it counts as

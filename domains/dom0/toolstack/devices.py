@@ -16,7 +16,12 @@ In Xen
     to a domid when the guest is created.  On destroy both directories go.
 
 Here
-    The same paths, keys and permissions.  :class:`Devices` is the hook the
+    The same paths, keys and permissions.  What every split device type
+    shares (disks here, vifs in vifs.py) is in this module too:
+    :class:`SplitDevice` (where a device's two directories are),
+    :func:`write_device_dirs` (both directories in one transaction, or a
+    rebind), :func:`rebind_devices`, :func:`forget_domain` and
+    :func:`remove_device_dirs`.  :class:`Devices` is the hook the
     Toolstack calls (``build`` during create, ``destroy`` during teardown) and
     what ``xl block-list / block-attach / block-detach`` use.  It remembers
     every VBD it made, so that when a driver domain is re-created (crash,
@@ -51,7 +56,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Iterable
 
 from domains.dom0.toolstack.disk_spec import DiskSpec, DiskSpecError, devid_to_vdev, parse_disk_spec
 
@@ -69,23 +74,34 @@ def _error(msg: str) -> Exception:
     return ToolstackError(msg)
 
 
+class SplitDevice:
+    """Where one split device the toolstack made meets its drivers in XenStore.
+
+    A subclass (a dataclass) has ``frontend``, ``devid``, ``backend_name``
+    and ``backend`` (the current backend domid; None while it is down) and
+    names its ``devtype`` (``vbd``, ``vif``).
+    """
+    devtype: ClassVar[str]
+
+    @property
+    def be_path(self) -> str:
+        return f"/local/domain/{self.backend}/backend/{self.devtype}/{self.frontend}/{self.devid}"
+
+    @property
+    def fe_path(self) -> str:
+        return f"/local/domain/{self.frontend}/device/{self.devtype}/{self.devid}"
+
+
 @dataclass
-class Vbd:
+class Vbd(SplitDevice):
     """One virtual block device the toolstack made."""
+    devtype: ClassVar[str] = "vbd"
     frontend: int
     devid: int
     spec: DiskSpec
     backend_name: str
     backend: int | None            # current backend domid; None while it is down
     params: str                    # absolute image path
-
-    @property
-    def be_path(self) -> str:
-        return f"/local/domain/{self.backend}/backend/vbd/{self.frontend}/{self.devid}"
-
-    @property
-    def fe_path(self) -> str:
-        return f"/local/domain/{self.frontend}/device/vbd/{self.devid}"
 
 
 def split_target(target: str) -> tuple[str, int | None]:
@@ -151,14 +167,7 @@ class Devices:
 
     async def destroy(self, domid: int) -> None:
         """Remove the domain's own disks; orphan those it served (kept for rebind)."""
-        for key, vbd in list(self.vbds.items()):
-            if vbd.frontend == domid:
-                await self._remove(vbd)
-                del self.vbds[key]
-            elif vbd.backend == domid:
-                # Its directory goes with the driver domain's home; the frontend
-                # sees the backend vanish and waits for the rebind.
-                vbd.backend = None
+        await forget_domain(self.xs, self.vbds, domid)
         await self.net.destroy(domid)
 
     # -- attach / detach ------------------------------------------------------------
@@ -200,7 +209,7 @@ class Devices:
 
     async def detach(self, domid: int, vdev: str) -> None:
         vbd = self._find(domid, vdev)
-        await self._remove(vbd)
+        await remove_device_dirs(self.xs, vbd)
         del self.vbds[(vbd.frontend, vbd.devid)]
         self.last_detached = vbd.devid
 
@@ -217,59 +226,21 @@ class Devices:
 
     async def rebind(self, backend_name: str, new_domid: int) -> int:
         """Point every VBD served by ``backend_name`` at its new domid."""
-        n = 0
-        for vbd in self.vbds.values():
-            if vbd.backend_name == backend_name and vbd.backend != new_domid:
-                vbd.backend = new_domid
-                await self._write(vbd, fresh=False)
-                n += 1
-        if n:
-            log.info("rebound %d disk(s) to %s (d%d)", n, backend_name, new_domid)
-        return n
+        return await rebind_devices(self.vbds.values(), backend_name, new_domid,
+                                    lambda vbd: self._write(vbd, fresh=False), "disk(s)", log)
 
     # -- XenStore ----------------------------------------------------------------------
     async def _write(self, vbd: Vbd, fresh: bool) -> None:
-        spec, be, fe = vbd.spec, vbd.be_path, vbd.fe_path
-
-        async def body(t) -> None:
-            await t.mkdir(be)
-            await t.set_perms(be, [f"n{vbd.backend}", f"r{vbd.frontend}"])
-            for key, value in (("frontend", fe), ("frontend-id", vbd.frontend),
-                               ("params", vbd.params), ("mode", "r" if spec.readonly else "w"),
-                               ("type", "phy"), ("device-type", spec.devtype),
-                               ("dev", spec.vdev), ("removable", 0), ("bootable", 1),
-                               ("online", 1), ("discard-enable", int(spec.discard)),
-                               ("state", 1)):
-                await t.write(f"{be}/{key}", str(value))
-            fe_perms = [f"n{vbd.frontend}", f"r{vbd.backend}"]
-            if fresh:
-                await t.mkdir(fe)
-                await t.set_perms(fe, fe_perms)
-                for key, value in (("virtual-device", vbd.devid), ("device-type", spec.devtype),
-                                   ("state", 1)):
-                    await t.write(f"{fe}/{key}", str(value))
-            else:
-                # The frontend's nodes were readable by the old backend only.
-                await t.set_perms(fe, fe_perms)
-                for child in await t.directory(fe):
-                    await t.set_perms(f"{fe}/{child}", fe_perms)
-                await _forget_stale_handshake(t, fe)
-            await t.write(f"{fe}/backend-id", str(vbd.backend))
-            await t.write(f"{fe}/backend", be)
-            await t.set_perms(f"{fe}/backend-id", fe_perms)
-            await t.set_perms(f"{fe}/backend", fe_perms)
-        await self.xs.run_transaction(body)
-
-    async def _remove(self, vbd: Vbd) -> None:
-        async def body(t) -> None:
-            paths = [vbd.fe_path] + ([vbd.be_path] if vbd.backend is not None else [])
-            for path in paths:
-                try:
-                    await t.rm(path)
-                except OSError as exc:
-                    if getattr(exc, "name", "") != "ENOENT":
-                        raise
-        await self.xs.run_transaction(body)
+        spec = vbd.spec
+        await write_device_dirs(
+            self.xs, vbd, fresh,
+            (("frontend", vbd.fe_path), ("frontend-id", vbd.frontend),
+             ("params", vbd.params), ("mode", "r" if spec.readonly else "w"),
+             ("type", "phy"), ("device-type", spec.devtype),
+             ("dev", spec.vdev), ("removable", 0), ("bootable", 1),
+             ("online", 1), ("discard-enable", int(spec.discard)),
+             ("state", 1)),
+            (("virtual-device", vbd.devid), ("device-type", spec.devtype), ("state", 1)))
 
     # -- xl block-list -----------------------------------------------------------------
     async def list(self, domid: int) -> list[dict[str, Any]]:
@@ -279,10 +250,7 @@ class Devices:
             fe = vbd.fe_path
 
             async def rd(path: str) -> str:
-                try:
-                    return (await self.xs.read(path)).decode(errors="replace")
-                except OSError:
-                    return "-1"
+                return await read_for_list(self.xs, path)
             be_state = await rd(f"{vbd.be_path}/state") if vbd.backend is not None else "-1"
             out.append({"vdev": vbd.devid, "name": devid_to_vdev(vbd.devid),
                         "backend": vbd.backend if vbd.backend is not None else -1,
@@ -293,6 +261,95 @@ class Devices:
                         "be_path": vbd.be_path if vbd.backend is not None else "-",
                         "params": vbd.params})
         return out
+
+
+async def write_device_dirs(xs, dev: SplitDevice, fresh: bool,
+                            be_keys: Iterable[tuple[str, Any]],
+                            fe_keys: Iterable[tuple[str, Any]]) -> None:
+    """Write a split device's two directories in one transaction (libxl_device.c).
+
+    The backend directory (owned by the backend, readable by the frontend) is
+    always written whole, with ``be_keys``.  A ``fresh`` device also gets its
+    frontend directory (owned by the frontend, readable by the backend), with
+    ``fe_keys``; a rebind instead re-permissions the frontend's existing nodes
+    for the new backend and forgets a stale handshake.  Either way the
+    frontend's ``backend``/``backend-id`` then name the backend.
+    """
+    be, fe = dev.be_path, dev.fe_path
+    be_keys, fe_keys = list(be_keys), list(fe_keys)
+
+    async def body(t) -> None:
+        await t.mkdir(be)
+        await t.set_perms(be, [f"n{dev.backend}", f"r{dev.frontend}"])
+        for key, value in be_keys:
+            await t.write(f"{be}/{key}", str(value))
+        fe_perms = [f"n{dev.frontend}", f"r{dev.backend}"]
+        if fresh:
+            await t.mkdir(fe)
+            await t.set_perms(fe, fe_perms)
+            for key, value in fe_keys:
+                await t.write(f"{fe}/{key}", str(value))
+        else:
+            # The frontend's nodes were readable by the old backend only.
+            await t.set_perms(fe, fe_perms)
+            for child in await t.directory(fe):
+                await t.set_perms(f"{fe}/{child}", fe_perms)
+            await _forget_stale_handshake(t, fe)
+        await t.write(f"{fe}/backend-id", str(dev.backend))
+        await t.write(f"{fe}/backend", be)
+        await t.set_perms(f"{fe}/backend-id", fe_perms)
+        await t.set_perms(f"{fe}/backend", fe_perms)
+    await xs.run_transaction(body)
+
+
+async def remove_device_dirs(xs, dev: SplitDevice) -> None:
+    """Remove a split device's directories (the backend's only while it is up)."""
+    async def body(t) -> None:
+        paths = [dev.fe_path] + ([dev.be_path] if dev.backend is not None else [])
+        for path in paths:
+            try:
+                await t.rm(path)
+            except OSError as exc:
+                if getattr(exc, "name", "") != "ENOENT":
+                    raise
+    await xs.run_transaction(body)
+
+
+async def forget_domain(xs, devs: dict, domid: int) -> None:
+    """A domain is going: remove the devices it is the frontend of (from
+    XenStore and ``devs``); orphan those it served, kept for the rebind."""
+    for key, dev in list(devs.items()):
+        if dev.frontend == domid:
+            await remove_device_dirs(xs, dev)
+            del devs[key]
+        elif dev.backend == domid:
+            # Its directory goes with the driver domain's home; the frontend
+            # sees the backend vanish and waits for the rebind.
+            dev.backend = None
+
+
+async def rebind_devices(devs: Iterable[SplitDevice], backend_name: str, new_domid: int,
+                         write: Callable[[SplitDevice], Awaitable[None]], what: str,
+                         logger: logging.Logger = log) -> int:
+    """Point every device served by ``backend_name`` at its new domid, writing
+    each with ``write`` (a rebind); return how many."""
+    n = 0
+    for dev in devs:
+        if dev.backend_name == backend_name and dev.backend != new_domid:
+            dev.backend = new_domid
+            await write(dev)
+            n += 1
+    if n:
+        logger.info("rebound %d %s to %s (d%d)", n, what, backend_name, new_domid)
+    return n
+
+
+async def read_for_list(xs, path: str) -> str:
+    """A node's text for ``xl *-list``; "-1" when it cannot be read."""
+    try:
+        return (await xs.read(path)).decode(errors="replace")
+    except OSError:
+        return "-1"
 
 
 async def _forget_stale_handshake(t, fe: str) -> None:

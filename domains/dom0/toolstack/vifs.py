@@ -28,7 +28,9 @@ Here
     driver domain across a restart exactly as disks do: every vif it served
     is written again under the new domid and the frontend's
     ``backend``/``backend-id`` point at it (re-permissioned so the new backend
-    may read the frontend's nodes).  netfront notices and reconnects.
+    may read the frontend's nodes).  netfront notices and reconnects.  The
+    XenStore plumbing itself (both directories in one transaction, the
+    rebind, removal) is the one every split device shares, in devices.py.
 
 Invariant
     A vif is either fully written (both directories) or not at all; a refused
@@ -43,8 +45,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from domains.dom0.toolstack.devices import (SplitDevice, forget_domain, read_for_list,
+                                            rebind_devices, remove_device_dirs, write_device_dirs)
 from domains.dom0.toolstack.vif_spec import VifSpec, VifSpecError, parse_vif_spec
 
 if TYPE_CHECKING:
@@ -59,8 +63,9 @@ def _error(msg: str) -> Exception:
 
 
 @dataclass
-class Vif:
+class Vif(SplitDevice):
     """One virtual network interface the toolstack made."""
+    devtype: ClassVar[str] = "vif"
     frontend: int
     spec: VifSpec
     backend_name: str
@@ -69,14 +74,6 @@ class Vif:
     @property
     def devid(self) -> int:
         return self.spec.devid
-
-    @property
-    def be_path(self) -> str:
-        return f"/local/domain/{self.backend}/backend/vif/{self.frontend}/{self.devid}"
-
-    @property
-    def fe_path(self) -> str:
-        return f"/local/domain/{self.frontend}/device/vif/{self.devid}"
 
 
 class VifDevices:
@@ -96,23 +93,11 @@ class VifDevices:
             await self.attach(domid, spec, seed=getattr(cfg, "uuid", None) or cfg.name)
 
     async def destroy(self, domid: int) -> None:
-        for key, vif in list(self.vifs.items()):
-            if vif.frontend == domid:
-                await self._remove(vif)
-                del self.vifs[key]
-            elif vif.backend == domid:
-                vif.backend = None     # its directory went with the driver domain's home
+        await forget_domain(self.xs, self.vifs, domid)
 
     async def rebind(self, backend_name: str, new_domid: int) -> int:
-        n = 0
-        for vif in self.vifs.values():
-            if vif.backend_name == backend_name and vif.backend != new_domid:
-                vif.backend = new_domid
-                await self._write(vif, fresh=False)
-                n += 1
-        if n:
-            log.info("rebound %d vif(s) to %s (d%d)", n, backend_name, new_domid)
-        return n
+        return await rebind_devices(self.vifs.values(), backend_name, new_domid,
+                                    lambda vif: self._write(vif, fresh=False), "vif(s)", log)
 
     # -- attach / detach -------------------------------------------------------------
     def parse(self, text: str, devid: int) -> VifSpec:
@@ -155,66 +140,31 @@ class VifDevices:
 
     async def detach(self, domid: int, which: str) -> Vif:
         vif = self.find(domid, which)
-        await self._remove(vif)
+        await remove_device_dirs(self.xs, vif)
         del self.vifs[(vif.frontend, vif.devid)]
         return vif
 
     # -- XenStore ----------------------------------------------------------------------
     async def _write(self, vif: Vif, fresh: bool) -> None:
-        spec, be, fe = vif.spec, vif.be_path, vif.fe_path
-
-        async def body(t) -> None:
-            await t.mkdir(be)
-            await t.set_perms(be, [f"n{vif.backend}", f"r{vif.frontend}"])
-            keys: list[tuple[str, Any]] = [
-                ("frontend", fe), ("frontend-id", vif.frontend), ("online", 1),
-                ("state", 1), ("mac", spec.mac), ("bridge", spec.bridge),
-                ("handle", vif.devid), ("type", "vif"), ("mtu", spec.mtu or 1500)]
-            if spec.ip:
-                keys.append(("ip", " ".join(spec.ip)))
-            if spec.rate is not None:
-                keys.append(("rate", f"{spec.rate.bytes_per_interval},{spec.rate.interval_us}"))
-            if spec.vifname:
-                keys.append(("vifname", spec.vifname))
-            for key, value in keys:
-                await t.write(f"{be}/{key}", str(value))
-            fe_perms = [f"n{vif.frontend}", f"r{vif.backend}"]
-            if fresh:
-                await t.mkdir(fe)
-                await t.set_perms(fe, fe_perms)
-                for key, value in (("handle", vif.devid), ("mac", spec.mac),
-                                   ("mtu", spec.mtu or 1500), ("state", 1)):
-                    await t.write(f"{fe}/{key}", str(value))
-            else:
-                # The frontend's nodes were readable by the old backend only.
-                await t.set_perms(fe, fe_perms)
-                for child in await t.directory(fe):
-                    await t.set_perms(f"{fe}/{child}", fe_perms)
-                await _forget_stale_handshake(t, fe)
-            await t.write(f"{fe}/backend-id", str(vif.backend))
-            await t.write(f"{fe}/backend", be)
-            await t.set_perms(f"{fe}/backend-id", fe_perms)
-            await t.set_perms(f"{fe}/backend", fe_perms)
-        await self.xs.run_transaction(body)
-
-    async def _remove(self, vif: Vif) -> None:
-        async def body(t) -> None:
-            paths = [vif.fe_path] + ([vif.be_path] if vif.backend is not None else [])
-            for path in paths:
-                try:
-                    await t.rm(path)
-                except OSError as exc:
-                    if getattr(exc, "name", "") != "ENOENT":
-                        raise
-        await self.xs.run_transaction(body)
+        spec = vif.spec
+        keys: list[tuple[str, Any]] = [
+            ("frontend", vif.fe_path), ("frontend-id", vif.frontend), ("online", 1),
+            ("state", 1), ("mac", spec.mac), ("bridge", spec.bridge),
+            ("handle", vif.devid), ("type", "vif"), ("mtu", spec.mtu or 1500)]
+        if spec.ip:
+            keys.append(("ip", " ".join(spec.ip)))
+        if spec.rate is not None:
+            keys.append(("rate", f"{spec.rate.bytes_per_interval},{spec.rate.interval_us}"))
+        if spec.vifname:
+            keys.append(("vifname", spec.vifname))
+        await write_device_dirs(self.xs, vif, fresh, keys,
+                                (("handle", vif.devid), ("mac", spec.mac),
+                                 ("mtu", spec.mtu or 1500), ("state", 1)))
 
     # -- xl network-list -----------------------------------------------------------------
     async def list(self, domid: int) -> list[dict[str, Any]]:
         async def rd(path: str) -> str:
-            try:
-                return (await self.xs.read(path)).decode(errors="replace")
-            except OSError:
-                return "-1"
+            return await read_for_list(self.xs, path)
         out = []
         for vif in sorted((v for v in self.vifs.values() if v.frontend == domid),
                           key=lambda v: v.devid):
@@ -232,21 +182,3 @@ class VifDevices:
                         "be_path": vif.be_path if up else "-"})
         return out
 
-
-async def _forget_stale_handshake(t, fe: str) -> None:
-    """A frontend left in Initialised offered its ring to the *old* backend.
-
-    The new backend is not running yet (it starts after this rebind), so an
-    Initialised it would find is stale by definition: its ``ring-ref`` and
-    ``event-channel`` were granted to a domain that is gone, and connecting to
-    them fails.  Put the frontend back to Initialising in the same
-    transaction; the frontend, which sees ``backend`` change, starts over
-    anyway (and its own transactional publish conflicts with this one).
-    """
-    from domains.kernel.xenbus import XenbusState, parse_state
-    try:
-        state = parse_state(await t.read(f"{fe}/state"))
-    except OSError:
-        return
-    if state == XenbusState.Initialised:
-        await t.write(f"{fe}/state", str(int(XenbusState.Initialising)))
