@@ -353,8 +353,8 @@ class BlkFront:
 
     def _end_grants(self, req: _Req) -> None:
         for gref in req.grefs:
-            if not self.k.grants.end_access(gref):
-                log.warning("grant %d still mapped by the backend; leaking it", gref)
+            if not self.k.grants.end_access_deferred(gref):
+                log.debug("grant %d still mapped by the backend; ending it later", gref)
         req.grefs = []
 
     # -- the connection loop ----------------------------------------------------------
@@ -471,8 +471,8 @@ class BlkFront:
             self._end_grants(req)
         conn.shadow.clear()
         for gref in conn.pgrants.values():
-            if not self.k.grants.end_access(gref):
-                log.warning("grant %d still mapped by the backend; leaking it", gref)
+            if not self.k.grants.end_access_deferred(gref):
+                log.debug("grant %d still mapped by the backend; ending it later", gref)
         conn.pgrants.clear()
         await frontend_start_over(self.dev, conn.port, CLEANUP_TIMEOUT)
         conn.ring.release()
@@ -482,7 +482,8 @@ class BlkFront:
                     await self.k.memory.free([conn.ring_page])
                 except Exception:
                     pass
-        else:
+        else:   # the page stays ours (the old backend may still write it); the ref comes back later
+            self.k.grants.end_access_deferred(conn.ring_ref)
             log.warning("ring grant %d still mapped; leaking the ring page", conn.ring_ref)
 
 

@@ -3,8 +3,9 @@
 Granting is a write to our own memory: pick a free reference, write
 (domid, gfn) and then the flags.  Ending access is also ours to do, but only if
 the hypervisor has not marked the entry GTF_reading/GTF_writing (somebody still
-maps it); then we refuse, as Linux's gnttab_end_foreign_access_ref does, and
-the caller must try again later.
+maps it); then we refuse, as Linux's gnttab_end_foreign_access_ref does.
+`end_access_deferred` keeps such a reference and takes it back once the peer
+has unmapped, as Linux's deferred list does, so references are never leaked.
 
 Mapping someone else's grant is a hypercall: the hypervisor checks their entry
 and hands us the page descriptor; we mmap it (read-only if asked, and the
@@ -53,9 +54,12 @@ class GrantTable:
         self.table = table
         self.nr_entries = nr_entries
         self._free = list(range(nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+        self._deferred: list[int] = []   # refs still mapped when we wanted them back
 
     # -- granting -----------------------------------------------------------
     def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        if not self._free:
+            self._reclaim()
         if not self._free:
             raise GrantError(-1, f"all {self.nr_entries} grant references in use")
         ref = self._free.pop()
@@ -75,8 +79,25 @@ class GrantTable:
         self._free.append(ref)
         return True
 
+    def end_access_deferred(self, ref: int) -> bool:
+        """End access now, or as soon as the peer unmaps (Linux's deferred list).
+
+        A backend that is being torn down may still map our page for a moment;
+        rather than leak the reference for good, we keep it and take it back
+        the next time we run short.  Returns True if it was ended at once.
+        """
+        if self.end_access(ref):
+            return True
+        self._deferred.append(ref)
+        return False
+
+    def _reclaim(self) -> None:
+        self._deferred = [ref for ref in self._deferred if not self.end_access(ref)]
+
     @property
     def free_count(self) -> int:
+        if len(self._free) < 256 and self._deferred:
+            self._reclaim()
         return len(self._free)
 
     # -- using others' grants ---------------------------------------------------
