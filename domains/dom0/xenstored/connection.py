@@ -37,7 +37,6 @@ Invariants
 from __future__ import annotations
 
 import logging
-import math
 from typing import Awaitable, Callable, TypeVar
 
 import trio
@@ -46,7 +45,7 @@ from ipc.xs_wire import (HEADER, XENSTORE_PAYLOAD_MAX, Decoder, Message,
                          PayloadTooLong, XenStoreError, XsType, encode,
                          error_message, split_strings)
 
-from domains.kernel.xenstore import TxView, WatchEvent, run_transaction
+from domains.kernel.xenstore import ClientWatch, TxView, WatchEvent, run_transaction
 
 from .core import XenStore, parse_domid
 from .transaction import Transaction
@@ -360,41 +359,6 @@ class _PeerGone(Exception):
 T = TypeVar("T")
 
 
-class InProcessWatch:
-    """Events for one watch; iterate with ``async for``."""
-
-    def __init__(self, conn: "InProcessConnection", path: str, token: str,
-                 receive: trio.MemoryReceiveChannel) -> None:
-        self.conn, self.path, self.token = conn, path, token
-        self._receive = receive
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> WatchEvent:
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-    async def next(self, timeout: float = math.inf) -> WatchEvent:
-        with trio.fail_after(timeout):
-            return await self.__anext__()
-
-    async def unwatch(self) -> None:
-        await self.conn.unwatch(self.path, self.token)
-
-    async def __aenter__(self) -> "InProcessWatch":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        if not self.conn.closed:
-            try:
-                await self.unwatch()
-            except XenStoreError:
-                pass
-
-
 class InProcessConnection:
     """dom0's own XenStore connection, in the daemon's trio loop.
 
@@ -473,7 +437,7 @@ class InProcessConnection:
         return await run_transaction(self, body, attempts)
 
     async def watch(self, path: str, token: str | None = None,
-                    buffer: int = 1024) -> InProcessWatch:
+                    buffer: int = 1024) -> ClientWatch:
         """Start watching; the initial event is already queued on return."""
         if token is None:
             self._token_seq += 1
@@ -486,7 +450,7 @@ class InProcessConnection:
             self._watch_channels[token].remove(send)
             raise
         self.deliver_watch_event(path, token.encode())   # the initial event
-        return InProcessWatch(self, path, token, receive)
+        return ClientWatch(self, path, token, receive)   # the client's watch type serves here too
 
     async def unwatch(self, path: str, token: str) -> None:
         await self._call(self.store.unwatch, path, token.encode())
