@@ -150,6 +150,10 @@ class _Connection:
     rx_ring_ref: int
     port: EventPort | None = None
     scope: trio.CancelScope | None = None
+    #: Set once the service task has let go of these rings.  A cancelled task
+    #: can still be resumed normally (its wakeup was already scheduled), so the
+    #: rings' memory is released only after this, never on cancel() alone.
+    left: trio.Event = field(default_factory=trio.Event)
 
 
 class Netfront:
@@ -265,6 +269,8 @@ class Netfront:
                     log.warning("netfront: backend d%d broke the protocol: %s", conn.backend, exc)
                     self._connected = trio.Event()
                     self.broken.set()
+                finally:
+                    conn.left.set()
 
     async def _serve(self, conn: _Connection) -> None:
         assert conn.port is not None
@@ -498,6 +504,8 @@ class Netfront:
         self._connected = trio.Event()
         if conn.scope is not None:
             conn.scope.cancel()
+            with trio.CancelScope(shield=True):   # bounded: the task is cancelled
+                await conn.left.wait()
         replay = list(self._inflight.values())
         for pkt in replay:
             pkt.ids = []
