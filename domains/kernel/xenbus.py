@@ -339,8 +339,10 @@ def frontend_is(xs, fe_path: str, states: Iterable[XenbusState]) -> Callable[[],
 async def backend_fail(xs, path: str, why: str, logger: logging.Logger = log) -> None:
     """Close a backend device on purpose: write ``error`` saying why, then Closed.
 
-    The frontend sees Closed; the BackendWatcher leaves the device alone
-    until its directory is re-made."""
+    The frontend sees Closed.  A device whose set-up failed (no disk image,
+    say) is then left alone until its directory is re-made; one whose
+    frontend misbehaved is offered again when it starts over
+    (:func:`backend_handshake`)."""
     logger.warning("%s: %s", path, why)
     try:
         await xs.write(f"{path}/error", why.encode()[:1000])
@@ -359,9 +361,13 @@ async def backend_handshake(xs, path: str, fe_path: str,
     InitWait; wait for the frontend's Initialised; ``connect_and_serve()``
     (which switches to Connected and returns when the connection ends);
     Closing, Closed; wait for the frontend to start over, and again.  An
-    exception of type ``refused`` (the frontend's fault) closes the device
-    with ``error`` (:func:`backend_fail`) and returns; any other propagates
-    to the BackendWatcher, which restarts the device.
+    exception of type ``refused`` (the frontend's doing: a ring reference
+    it does not grant us, say) closes the device with ``error``
+    (:func:`backend_fail`); like Linux's backends, it is offered again once
+    the frontend starts over.  That matters for honest frontends too: one
+    that gave up on us a moment before we read its Initialised has already
+    taken its grant back.  Any other exception propagates to the
+    BackendWatcher, which restarts the device.
     """
     while True:
         await switch_state(xs, path, XenbusState.InitWait)
@@ -373,9 +379,9 @@ async def backend_handshake(xs, path: str, fe_path: str,
             await connect_and_serve()
         except refused as exc:
             await backend_fail(xs, path, str(exc), logger)
-            return
-        await switch_state(xs, path, XenbusState.Closing)
-        await switch_state(xs, path, XenbusState.Closed)
+        else:
+            await switch_state(xs, path, XenbusState.Closing)
+            await switch_state(xs, path, XenbusState.Closed)
         # Wait for the frontend to start over (or be gone).
         await wait_until(xs, [f"{fe_path}/state"], frontend_is(xs, fe_path, FRONTEND_RESTARTED))
 
