@@ -7,6 +7,7 @@ guest running the `disk` workload (write, read back, verify, flush).
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -82,3 +83,36 @@ def test_block_attach_list_detach(system: System) -> None:
         system.xl("block-attach", "guest1", "vdev=xvdc, backend=nosuchdom, target=disks/x.img?size=1M")
     with pytest.raises(RuntimeError, match="does not exist; add"):
         system.xl("block-attach", "guest1", "vdev=xvdc, backend=blkdom, target=disks/missing.img")
+
+
+
+def test_detach_waits_for_the_backend_to_let_go() -> None:
+    """block-detach returns only after blkback has stopped serving the old ring.
+
+    Otherwise requests still queued on it could be written after the disk's
+    next user has written the same blocks.  A hung backend cannot answer: the
+    detach then goes ahead after a bounded wait, and dom0 says so.  (The
+    watchdog is slowed down so that it does not restart the hung blkdom first.)
+    """
+    system = System({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2")},
+                    watchdog_timeout=60).up()
+    try:
+        logs = os.path.join(system.run_dir, "logs")
+        system.wait_for(lambda: system.counters("guest1").get("ops", 0) > 100,
+                        what="guest1's disk to be busy")
+        system.xl("block-detach", "guest1", "xvda")
+        with open(os.path.join(logs, "blkdom.log")) as f:
+            assert "taken offline by the toolstack" in f.read()
+        with open(os.path.join(logs, "Domain-0.log")) as f:
+            assert "did not close" not in f.read()
+        pid = system.kill("blkdom", signal.SIGSTOP)
+        try:
+            system.xl("block-detach", "guest2", "xvda")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with open(os.path.join(logs, "Domain-0.log")) as f:
+            assert "the backend did not close" in f.read()
+        assert system.xl("block-list", "guest2").splitlines()[1:] == []
+    finally:
+        system.down()
+        system.cleanup()

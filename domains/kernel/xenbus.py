@@ -490,7 +490,11 @@ class BackendWatcher:
     Watches ``/local/domain/<self>/backend/<type>`` and runs
     ``serve(path)`` as a task for every
     ``<frontend-domid>/<devid>`` directory found there; when the directory is
-    removed, the task is cancelled.
+    removed, the task is cancelled.  When the toolstack takes a device
+    offline (``online = 0``, as libxl does before removing one) the task is
+    cancelled too - which lets go of the ring and every grant - and only
+    then is ``state`` set to Closed: the toolstack's sign that no request
+    of the old ring will be served any more.
 
     Supervision (MINIX 3's reincarnation server, per device):
 
@@ -560,6 +564,8 @@ class BackendWatcher:
                 # a directory the toolstack is still writing has no frontend yet
                 if await read_node(self.xs, f"{path}/frontend") is None:
                     continue
+                if await read_node(self.xs, f"{path}/online") == b"0":
+                    continue                     # being removed: see _offline
                 present.add(path)
                 if path not in self.running:
                     scope = trio.CancelScope()
@@ -600,8 +606,29 @@ class BackendWatcher:
                                 self.restarts[path], delay)
                     await self._closed(path, why)
                     await trio.sleep(delay)
+            if scope.cancelled_caught:
+                await self._offline(path)
         finally:
             _progress.pop(path, None)
+
+    async def _offline(self, path: str) -> None:
+        """The device's task is gone: if the toolstack is removing the device
+        (``online = 0``), say Closed.  In a transaction, so a directory
+        removed meanwhile is not re-made by our write."""
+        async def body(t) -> bool:
+            try:
+                online = await t.read(f"{path}/online")
+            except OSError:
+                return False
+            if online != b"0":
+                return False
+            await t.write(f"{path}/state", str(int(XenbusState.Closed)))
+            return True
+        try:
+            if await self.xs.run_transaction(body):
+                log.info("%s: taken offline by the toolstack; ring and grants let go", path)
+        except OSError:
+            pass
 
     async def _closed(self, path: str, why: str) -> None:
         """Tell the frontend its backend went away, so it starts over."""

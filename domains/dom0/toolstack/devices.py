@@ -58,7 +58,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Iterable
 
+import trio
+
 from domains.dom0.toolstack.disk_spec import DiskSpec, DiskSpecError, devid_to_vdev, parse_disk_spec
+from domains.kernel.xenbus import XenbusState, read_state, wait_until
 
 if TYPE_CHECKING:
     from domains.dom0.toolstack.libxl import Toolstack
@@ -302,8 +305,50 @@ async def write_device_dirs(xs, dev: SplitDevice, fresh: bool,
     await xs.run_transaction(body)
 
 
+#: How long removing a device waits for its backend to let go of it.  A backend
+#: that is dead or hung does not answer; the directories go after this anyway.
+BACKEND_CLOSE_TIMEOUT = 2.0
+
+
+async def close_backend(xs, dev: SplitDevice, timeout: float = BACKEND_CLOSE_TIMEOUT) -> bool:
+    """Ask a device's backend to let go of it, and wait until it has.
+
+    As libxl does before removing a device: ``online = 0`` and ``state =
+    Closing`` in the backend's directory, then wait for the backend to say
+    Closed.  Only then has it stopped taking requests off the old ring, so
+    a guest re-created on the same disk image cannot have its writes
+    overtaken by its predecessor's queued ones.  True if the backend
+    answered within ``timeout`` seconds.
+    """
+    be = dev.be_path
+
+    async def body(t) -> bool:
+        try:
+            await t.read(f"{be}/frontend")
+        except OSError:
+            return False                 # no backend directory: nothing to close
+        await t.write(f"{be}/online", "0")
+        await t.write(f"{be}/state", str(int(XenbusState.Closing)))
+        return True
+    if not await xs.run_transaction(body):
+        return True
+
+    async def closed() -> bool:
+        return await read_state(xs, be) in (XenbusState.Closed, XenbusState.Unknown)
+    try:
+        await wait_until(xs, [f"{be}/state"], closed, timeout=timeout)
+        return True
+    except trio.TooSlowError:
+        log.warning("%s: the backend did not close within %.1f s; removing it anyway",
+                    be, timeout)
+        return False
+
+
 async def remove_device_dirs(xs, dev: SplitDevice) -> None:
-    """Remove a split device's directories (the backend's only while it is up)."""
+    """Remove a split device's directories, once its backend (if it is up) has
+    let go of it (:func:`close_backend`)."""
+    if dev.backend is not None:
+        await close_backend(xs, dev)
     async def body(t) -> None:
         paths = [dev.fe_path] + ([dev.be_path] if dev.backend is not None else [])
         for path in paths:
