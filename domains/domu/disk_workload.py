@@ -77,6 +77,9 @@ class DiskChecker:
         self.writing: set[int] = set()      # blocks with a write in flight
         self.indeterminate: dict[int, int] = {}   # block -> version of a failed write
         self.failures: list[str] = []
+        #: block -> (time.monotonic(), blkfront reconnects) of its last ack: a
+        #: failure report says how long ago, and across which reconnections.
+        self.acked_when: dict[int, tuple[float, int]] = {}
 
     def expected(self, block: int) -> bytes | None:
         v = self.acked.get(block)
@@ -142,6 +145,7 @@ async def run(k, xs, console, prefix: str = "") -> None:
                             await dev.write(block * SECTORS_PER_BLOCK,
                                             block_content(k.domid, block, version))
                             checker.acked[block] = version
+                            checker.acked_when[block] = (time.monotonic(), dev.stats["reconnects"])
                             checker.indeterminate.pop(block, None)
                         except BlockIOError:
                             checker.indeterminate[block] = version
@@ -155,12 +159,25 @@ async def run(k, xs, console, prefix: str = "") -> None:
                         data = await dev.read(block * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK)
                         if not checker.check(block, data):
                             counters["verify_failures"] += 1
-                            await console.write(f"VERIFY FAILURE {checker.failures[-1]}\n")
+                            await console.write(f"VERIFY FAILURE {checker.failures[-1]}"
+                                                f"{await evidence(block)}\n")
                 except BlockIOError as exc:
                     counters["errors"] += 1
                     await console.write(f"disk error: {exc}\n")
                     await trio.sleep(0.1)
                 await completed()
+
+        async def evidence(block: int) -> str:
+            """What a failure report adds: when the block was acknowledged, and
+            what a second read finds (the same again: the disk has it; the
+            right version: the first read was stale)."""
+            when, at = checker.acked_when.get(block, (time.monotonic(), 0))
+            try:
+                again = describe(await dev.read(block * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK))
+            except BlockIOError as exc:
+                again = f"error {exc}"
+            return (f" | acked {time.monotonic() - when:.3f} s ago, at reconnect {at} "
+                    f"(now {dev.stats['reconnects']}); read again: {again}")
 
         async def sweeper() -> None:
             async for _ in sweep_requests:
@@ -179,7 +196,8 @@ async def run(k, xs, console, prefix: str = "") -> None:
                 ok = data == block_content(k.domid, block, version) or checker.check(block, data)
                 if not ok:
                     counters["verify_failures"] += 1
-                    await console.write(f"VERIFY FAILURE (sweep) {checker.failures[-1]}\n")
+                    await console.write(f"VERIFY FAILURE (sweep) {checker.failures[-1]}"
+                                        f"{await evidence(block)}\n")
             counters["sweeps"] += 1
 
         async def publisher() -> None:
