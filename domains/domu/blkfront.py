@@ -141,6 +141,7 @@ class _Conn:
         self.free_ids = list(range(ring.size - 1, -1, -1))
         self.pgrants: dict[int, int] = {}   # gfn -> gref (persistent mode)
         self.lost = trio.Event()
+        self.closed = False
 
 
 class BlkFront:
@@ -457,7 +458,13 @@ class BlkFront:
         conn.lost.set()
 
     async def _disconnect(self, conn: _Conn) -> None:
-        """Give back the old connection; keep the requests for replay."""
+        """Give back the old connection; keep the requests for replay.
+
+        Idempotent: a second call (a clean-up path after a failed first one)
+        must not end the ring's grant or free its page twice."""
+        if conn.closed:
+            return
+        conn.closed = True
         self._connected = trio.Event() if self._connected.is_set() else self._connected
         if self._conn is conn:
             self._conn = None

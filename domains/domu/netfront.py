@@ -154,6 +154,7 @@ class _Connection:
     #: can still be resumed normally (its wakeup was already scheduled), so the
     #: rings' memory is released only after this, never on cancel() alone.
     left: trio.Event = field(default_factory=trio.Event)
+    closing: bool = False
 
 
 class Netfront:
@@ -499,8 +500,9 @@ class Netfront:
         packets move to the replay queue in the order they were sent.
         """
         conn = self.conn
-        if conn is None:
+        if conn is None or conn.closing:
             return
+        conn.closing = True          # a second caller must not end the same grants again
         self._connected = trio.Event()
         if conn.scope is not None:
             conn.scope.cancel()

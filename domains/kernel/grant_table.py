@@ -19,6 +19,7 @@ the peer with access to a page *we* had granted it, never widen anyone's access.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from ipc.page import map_frame
 
 if TYPE_CHECKING:
     from domains.kernel.hypercall import Hypervisor
+
+log = logging.getLogger("grant_table")
 
 
 class GrantError(Exception):
@@ -64,6 +67,10 @@ class GrantTable:
             raise GrantError(-1, f"all {self.nr_entries} grant references in use")
         ref = self._free.pop()
         off = ref * GRANT_ENTRY_SIZE
+        if self.table[off] & GTF_permit_access:
+            # Only a double end could put a live reference on the free list.
+            log.error("grant ref %d was on the free list while still granted", ref,
+                      stack_info=True)
         GRANT_ENTRY.pack_into(self.table, off, 0, domid, gfn)
         self.table[off] = GTF_permit_access | (GTF_readonly if readonly else 0)
         return ref
@@ -72,7 +79,16 @@ class GrantTable:
         return bool(self.table[ref * GRANT_ENTRY_SIZE] & (GTF_reading | GTF_writing))
 
     def end_access(self, ref: int) -> bool:
-        """Revoke a grant; False (and nothing changed) if it is still mapped."""
+        """Revoke a grant; False (and nothing changed) if it is still mapped.
+
+        Ending a reference that is not granted is the caller's bug (a double
+        end): putting it on the free list twice would later hand one reference
+        to two users, so it is refused loudly instead.
+        """
+        if not self.table[ref * GRANT_ENTRY_SIZE] & GTF_permit_access:
+            log.error("end_access of grant ref %d, which is not granted (a double end?)", ref,
+                      stack_info=True)
+            return True
         if self.in_use(ref):
             return False
         GRANT_ENTRY.pack_into(self.table, ref * GRANT_ENTRY_SIZE, 0, 0, 0)
