@@ -15,6 +15,7 @@ import contextlib
 
 import pytest
 import trio
+import trio.testing
 
 from domains.domu.netfront import Netfront, NetfrontError
 from domains.driverdom.bridge import Bridge
@@ -325,6 +326,47 @@ def test_in_flight_packets_are_replayed_on_a_new_backend():
                     await nf.flush()
                 assert [f[14] for f in got] == list(range(10)) + [0xAA]
                 assert nf.stats.tx_resent == 11 and nf.in_flight == 0
+                nursery.cancel_scope.cancel()
+        finally:
+            for k in (dd, g, new_dd):
+                k.close()
+            xen.close()
+    trio.run(main)
+
+
+def test_a_failed_handshake_before_connect_does_not_strand_the_service_task():
+    """prepare(); the handshake fails; disconnect(); prepare(); connect(): served.
+
+    Found by a fault campaign: disconnect() used to replace the "connected"
+    event even when it was not set, so the service task went on waiting on
+    the old one, which nobody would set again, and the vif stayed silent
+    although it showed Connected.
+    """
+    async def main():
+        xen = LocalXen([DD, 1, 9], pages=1024)
+        dd, g, new_dd = xen.kernel(DD), xen.kernel(1), xen.kernel(9)
+        try:
+            nf = await Netfront.create(g.grants, g.memory, DD, nr_tx_pages=16)
+            fe_port, _ = xen.event_channel()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(nf.run)
+                nf.connect(fe_port)
+                await nf.disconnect()                  # the first backend goes away
+                await trio.testing.wait_all_tasks_blocked()
+                await nf.prepare(DD)                   # a handshake that never connects
+                await nf.disconnect()
+                await nf.prepare(9)                    # the next one does
+                fe2, be2 = xen.event_channel()
+                nb = await Netback.connect(new_dd.grants, new_dd.memory, 1, nf.tx_ring_ref,
+                                           nf.rx_ring_ref, be2)
+                got: list[bytes] = []
+                nb.on_packet = got.append
+                await nursery.start(nb.run)
+                nf.connect(fe2)
+                await nf.send(frame(2, 1, b"\x01" * 50))
+                with trio.fail_after(TIMEOUT):
+                    await nf.flush()                   # needs the service task's tx responses
+                assert len(got) == 1
                 nursery.cancel_scope.cancel()
         finally:
             for k in (dd, g, new_dd):

@@ -232,6 +232,17 @@ class Netfront:
     def rx_ring_ref(self) -> int:
         return self._need_conn().rx_ring_ref
 
+    def _new_connection_event(self) -> None:
+        """Make ``_connected`` unset, replacing it only if it was set.
+
+        Tasks wait on the event object they found; connect() sets whichever
+        is current.  Replacing an *unset* event (a handshake that failed
+        before connect) would leave those tasks waiting on one nobody will
+        ever set: the service task would then never serve the next rings.
+        """
+        if self._connected.is_set():
+            self._connected = trio.Event()
+
     def _need_conn(self) -> _Connection:
         if self.conn is None:
             raise NetfrontError("netfront has no rings: call prepare() after disconnect()")
@@ -268,7 +279,7 @@ class Netfront:
                     # A backend that breaks the protocol is not trusted any further.
                     self.stats.refuse(f"backend d{conn.backend}: {exc}")
                     log.warning("netfront: backend d%d broke the protocol: %s", conn.backend, exc)
-                    self._connected = trio.Event()
+                    self._new_connection_event()
                     self.broken.set()
                 finally:
                     conn.left.set()
@@ -503,7 +514,7 @@ class Netfront:
         if conn is None or conn.closing:
             return
         conn.closing = True          # a second caller must not end the same grants again
-        self._connected = trio.Event()
+        self._new_connection_event()
         if conn.scope is not None:
             conn.scope.cancel()
             with trio.CancelScope(shield=True):   # bounded: the task is cancelled
