@@ -101,10 +101,8 @@ def test_detach_waits_for_the_backend_to_let_go() -> None:
         system.wait_for(lambda: system.counters("guest1").get("ops", 0) > 100,
                         what="guest1's disk to be busy")
         system.xl("block-detach", "guest1", "xvda")
-        with open(os.path.join(logs, "blkdom.log")) as f:
-            assert "taken offline by the toolstack" in f.read()
         with open(os.path.join(logs, "Domain-0.log")) as f:
-            assert "did not close" not in f.read()
+            assert "did not close" not in f.read()       # blkdom answered Closed first
         pid = system.kill("blkdom", signal.SIGSTOP)
         try:
             system.xl("block-detach", "guest2", "xvda")

@@ -45,3 +45,31 @@ def test_the_checker_catches_a_backend_that_loses_writes(tmp_path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["lost_writes"] > 0 and not report["passed"]
     assert report["per_fault"] == {"corrupt/lose-write": 4}
+
+
+def test_a_terminated_campaign_takes_its_system_down(tmp_path) -> None:
+    """SIGTERM (a CI timeout, a kill) is handled like Ctrl-C: the campaign's
+    system goes down, nothing is left running, and the report still comes."""
+    import signal
+    import time
+    run_dir = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "campaign",
+                          "--faults", "100000", "--seed", "3", "--run-dir", run_dir,
+                          "--report", str(tmp_path / "report")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "[1/" not in seen and time.monotonic() < deadline:   # faults are being injected
+            seen += p.stdout.readline()
+        assert "[1/" in seen, seen
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "interrupted" in out, out
+    assert (tmp_path / "report" / "report.json").exists()
+    left = subprocess.run(["pgrep", "-f", f"--run-dir {run_dir}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"processes left running: {left.stdout}"

@@ -65,6 +65,7 @@ Where this differs from Xen
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import struct
@@ -126,6 +127,9 @@ class _Req:
     raw: Callable[[int], bytes] | None = None   # tests: build the slot bytes from an id
     grefs: list[int] = field(default_factory=list)   # per-request grants of this connection
     dest: memoryview | None = None        # a read's data goes here (the caller's buffer)
+    #: What happened to it, for failure reports: ("put", conn, id, gfns, grefs),
+    #: ("done", conn, id, status, how), ("data", first bytes of the page).
+    trace: list = field(default_factory=list)
 
 
 class _Conn:
@@ -142,6 +146,7 @@ class _Conn:
         self.pgrants: dict[int, int] = {}   # gfn -> gref (persistent mode)
         self.lost = trio.Event()
         self.closed = False
+        self.no = 0                 # which connection of this device, for traces
 
 
 class BlkFront:
@@ -158,6 +163,9 @@ class BlkFront:
         self.features: dict[str, int] = {}
         self.inflight: dict[int, _Req] = {}
         self._seq = itertools.count()
+        self._conns = itertools.count(1)
+        #: The last few requests starting at each sector (see :meth:`history`).
+        self._recent: dict[int, collections.deque] = {}
         self._slots = trio.Semaphore(RING_SLOTS)
         self._free_pages: list["Page"] = []
         self._conn: _Conn | None = None
@@ -172,6 +180,13 @@ class BlkFront:
         with trio.fail_after(timeout):
             await self._connected.wait()
         return self
+
+    def history(self, sector: int) -> str:
+        """The last few requests that started at ``sector``: for a failure
+        report, what each went through (connection, ring id, pages, grants,
+        completion), oldest first."""
+        return "; ".join(f"#{r.seq} {blkif.OP_NAMES.get(r.op, r.op)} {r.trace}"
+                         for r in self._recent.get(sector, ())) or "none"
 
     @property
     def connected(self) -> bool:
@@ -265,6 +280,7 @@ class BlkFront:
                 req.pages = free[-npages:]
                 del free[-npages:]
             req.seq = next(self._seq)
+            self._recent.setdefault(req.sector, collections.deque(maxlen=4)).append(req)
             self.inflight[req.seq] = req
             self.stats["requests"] += 1
             try:
@@ -317,6 +333,7 @@ class BlkFront:
                 req.grefs.append(gref)
             fields += (gref, 0, n - 1)          # one blkif_request_segment
         raw = _REQUEST_LAYOUT[len(req.pages)].pack(*fields)
+        req.trace.append(("put", conn.no, rid, [p.gfn for p in req.pages], fields[5::3]))
         conn.ring.put_request(faultpoint.hit_nowait("blkfront.request", raw))
 
     def _push(self, conn: _Conn) -> None:
@@ -324,7 +341,7 @@ class BlkFront:
             conn.port.notify_nowait()
         faultpoint.hit_nowait("blkfront.push", conn.ring)
 
-    def _complete(self, conn: _Conn, rsp: blkif.BlkifResponse) -> None:
+    def _complete(self, conn: _Conn, rsp: blkif.BlkifResponse, how: str = "ring") -> None:
         req = conn.shadow.pop(rsp.id, None) if rsp.id < conn.ring.size else None
         if req is None:
             self.stats["bogus_responses"] += 1
@@ -333,6 +350,9 @@ class BlkFront:
             return
         conn.free_ids.append(rsp.id)
         faultpoint.count("io.complete", rsp.status)
+        req.trace.append(("done", conn.no, rsp.id, rsp.status, how, req.done.is_set()))
+        if req.op == blkif.BLKIF_OP_READ and req.pages:
+            req.trace.append(("data", bytes(req.pages[0].map[:24]).hex()))
         self._end_grants(req)
         if req.dest is not None and rsp.status == blkif.BLKIF_RSP_OKAY:
             dest, off, left = req.dest, 0, req.nsect * SECTOR
@@ -384,6 +404,7 @@ class BlkFront:
         ring_ref = k.grants.grant_access(be_id, page.gfn)
         port = await k.events.alloc_unbound(be_id)
         conn = _Conn(be_path, be_id, page, ring_ref, ring, port, persistent)
+        conn.no = next(self._conns)
 
         try:
             if not await publish_and_wait_connected(dev, be_path, [
@@ -471,7 +492,7 @@ class BlkFront:
         # Responses the old backend did publish are real answers: take them.
         try:
             for raw in conn.ring.responses():
-                self._complete(conn, blkif.BlkifResponse.unpack(raw))
+                self._complete(conn, blkif.BlkifResponse.unpack(raw), "drain")
         except Exception:
             pass
         for req in conn.shadow.values():

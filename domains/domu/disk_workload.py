@@ -177,7 +177,8 @@ async def run(k, xs, console, prefix: str = "") -> None:
             except BlockIOError as exc:
                 again = f"error {exc}"
             return (f" | acked {time.monotonic() - when:.3f} s ago, at reconnect {at} "
-                    f"(now {dev.stats['reconnects']}); read again: {again}")
+                    f"(now {dev.stats['reconnects']}); read again: {again}; "
+                    f"requests: {dev.history(block * SECTORS_PER_BLOCK)}")
 
         async def sweeper() -> None:
             async for _ in sweep_requests:

@@ -382,6 +382,8 @@ async def backend_handshake(xs, path: str, fe_path: str,
         else:
             await switch_state(xs, path, XenbusState.Closing)
             await switch_state(xs, path, XenbusState.Closed)
+        if await read_node(xs, f"{path}/online") == b"0":
+            return                       # the toolstack is removing the device
         # Wait for the frontend to start over (or be gone).
         await wait_until(xs, [f"{fe_path}/state"], frontend_is(xs, fe_path, FRONTEND_RESTARTED))
 

@@ -206,11 +206,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.faults < 0 or (args.faults == 0 and not args.duration):
         print("run.py campaign: --faults must be positive, or 0 with --duration", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _terminated)   # like Ctrl-C: the system goes down, a report
     try:
         return run(args)
     except FaultError as exc:
