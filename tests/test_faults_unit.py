@@ -95,3 +95,42 @@ def test_report_figures_and_png() -> None:
     w, h = struct.unpack(">II", png[16:24])
     n = struct.unpack(">I", png[33:37])[0]
     assert png[37:41] == b"IDAT" and len(zlib.decompress(png[41:41 + n])) == h * (1 + 3 * w)
+
+
+def test_disk_checker_accepts_exactly_what_overlapping_writes_allow() -> None:
+    from domains.dom0.faults.checker import _FAILURE, _READ
+    from domains.domu.disk_workload import DiskChecker, block_content
+    c = DiskChecker(4)
+
+    def write_issued(v: int) -> None:
+        c.issued[868] = v
+
+    def write_acked(v: int) -> None:
+        c.acked[868] = v
+
+    write_issued(555)
+    write_acked(555)
+    # The race a campaign found: a sweep read issued while 556 was in flight;
+    # 556 and then 557 are acknowledged before the sweep looks at its data.
+    since = c.acked[868]
+    write_issued(556)
+    write_acked(556)
+    write_issued(557)
+    write_acked(557)
+    assert c.check(868, block_content(4, 868, 556), since)          # legal: it overlapped
+    assert c.check(868, block_content(4, 868, 557), since)
+    # Older than what was acknowledged when the read was issued: a lost write,
+    # reported so that dom0's checker counts it as one.
+    assert not c.check(868, block_content(4, 868, 554), since)
+    m = _FAILURE.search("VERIFY FAILURE (sweep) " + c.failures[-1] + " | evidence")
+    assert m and int(m.group(2)) == 555 and _READ.search(m.group(3)).group(2) == "554"
+    # Newer than any write issued, the right header with a wrong body, or
+    # another domain's block: corruption.
+    assert not c.check(868, block_content(4, 868, 558), since)
+    bad = bytearray(block_content(4, 868, 556))
+    bad[-1] ^= 1
+    assert not c.check(868, bytes(bad), since)
+    assert not c.check(868, block_content(5, 868, 556), since)
+    # A write that failed may or may not have landed.
+    c.indeterminate[868] = 558
+    assert c.check(868, block_content(4, 868, 558))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from domains.dom0.client import APIError, NotRunning
 from domains.dom0.faults.inject import FaultInjector, Injection
 
-_FAILURE = re.compile(r"VERIFY FAILURE(?: \(sweep\))? block (\d+): expected version (\d+), read (.*?)(?: \|.*)?$")
+_FAILURE = re.compile(r"VERIFY FAILURE(?: \(sweep\))? block (\d+): expected version (\d+)(?:\.\.\d+)?, read (.*?)(?: \|.*)?$")
 _READ = re.compile(r"block (\d+) version (\d+) of d(\d+)")
 
 
