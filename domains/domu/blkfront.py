@@ -77,7 +77,7 @@ import trio
 from domains.kernel import faultpoint
 from domains.kernel.xenbus import (FrontendDevice, XenbusState, connect_retrying,
                                    frontend_start_over, peer_gone, publish_and_wait_connected,
-                                   read_int, wait_until)
+                                   read_int, read_nodes, to_int, wait_until)
 from ipc import blkif
 from ipc.page import PAGE_SIZE
 from ipc.ring import FrontRing, RingCorruptError, ring_size
@@ -413,12 +413,15 @@ class BlkFront:
                     ("feature-persistent", "1" if persistent else "0")], log):
                 await self._disconnect(conn)
                 return None
-            self.sectors = await read_int(xs, f"{be_path}/sectors", 0) or 0
-            self.sector_size = await read_int(xs, f"{be_path}/sector-size", SECTOR) or SECTOR
-            info = await read_int(xs, f"{be_path}/info", 0) or 0
+            feats = ("feature-flush-cache", "feature-barrier", "feature-discard")
+            raw = await read_nodes(xs, [f"{be_path}/{k}" for k in
+                                        ("sectors", "sector-size", "info", *feats)])
+            self.sectors = to_int(raw[0], 0) or 0
+            self.sector_size = to_int(raw[1], SECTOR) or SECTOR
+            info = to_int(raw[2], 0) or 0
             self.readonly = bool(info & blkif.VDISK_READONLY)
-            for feat in ("feature-flush-cache", "feature-barrier", "feature-discard"):
-                self.features[feat] = await read_int(xs, f"{be_path}/{feat}", 0) or 0
+            for feat, value in zip(feats, raw[3:]):
+                self.features[feat] = to_int(value, 0) or 0
             await dev.switch_state(XenbusState.Connected)
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -76,8 +76,8 @@ from domains.kernel import faultpoint
 from domains.kernel.grant_table import GrantError, Mapping
 from ipc.channel import HypercallError
 from domains.kernel.xenbus import (FRONTEND_GONE, XenbusState, backend_fail, backend_handshake,
-                                   device_progress, frontend_is, read_int, read_node,
-                                   switch_state, wait_until)
+                                   device_progress, frontend_is, read_nodes, switch_state,
+                                   to_int, wait_until, write_nodes)
 from ipc import blkif
 from ipc.ring import BackRing, RingCorruptError, RingError
 
@@ -136,10 +136,12 @@ class BlkBack:
 
     async def _run(self) -> None:
         xs, path = self.xs, self.path
-        fe_path = (await read_node(xs, f"{path}/frontend") or b"").decode(errors="replace")
-        fe_id = await read_int(xs, f"{path}/frontend-id")
-        params = (await read_node(xs, f"{path}/params") or b"").decode(errors="replace")
-        mode = (await read_node(xs, f"{path}/mode") or b"w").decode(errors="replace")
+        raw = await read_nodes(xs, [f"{path}/{k}" for k in ("frontend", "frontend-id", "params",
+                                                             "mode")])
+        fe_path = (raw[0] or b"").decode(errors="replace")
+        fe_id = to_int(raw[1])
+        params = (raw[2] or b"").decode(errors="replace")
+        mode = (raw[3] or b"w").decode(errors="replace")
         if not fe_path or fe_id is None or not params:
             await self._fail(f"incomplete backend directory (frontend={fe_path!r}, "
                              f"frontend-id={fe_id!r}, params={params!r})")
@@ -153,13 +155,13 @@ class BlkBack:
             return
         self.sectors = size // SECTOR
         info = blkif.VDISK_READONLY if self.readonly else 0
-        for key, value in (("sectors", self.sectors), ("sector-size", SECTOR),
-                           ("physical-sector-size", SECTOR), ("info", info),
-                           ("feature-flush-cache", 1), ("feature-barrier", 1),
-                           ("feature-discard", 0 if self.readonly else 1),
-                           ("discard-granularity", SECTOR), ("discard-alignment", 0),
-                           ("discard-secure", 0), ("feature-persistent", 1)):
-            await xs.write(f"{path}/{key}", str(value).encode())
+        await write_nodes(xs, ((f"{path}/{key}", value) for key, value in (
+            ("sectors", self.sectors), ("sector-size", SECTOR),
+            ("physical-sector-size", SECTOR), ("info", info),
+            ("feature-flush-cache", 1), ("feature-barrier", 1),
+            ("feature-discard", 0 if self.readonly else 1),
+            ("discard-granularity", SECTOR), ("discard-alignment", 0),
+            ("discard-secure", 0), ("feature-persistent", 1))))
         log.info("%s: serving %s (%d sectors, %s) to d%d", path, params, self.sectors,
                  "ro" if self.readonly else "rw", fe_id)
         await backend_handshake(xs, path, fe_path,
@@ -171,9 +173,10 @@ class BlkBack:
 
     async def _connect_and_serve(self, fe_path: str, fe_id: int) -> None:
         xs = self.xs
-        ring_ref = await read_int(xs, f"{fe_path}/ring-ref")
-        evtchn = await read_int(xs, f"{fe_path}/event-channel")
-        persistent = await read_int(xs, f"{fe_path}/feature-persistent", 0) == 1
+        raw = await read_nodes(xs, [f"{fe_path}/{k}" for k in ("ring-ref", "event-channel",
+                                                                "feature-persistent")])
+        ring_ref, evtchn = to_int(raw[0]), to_int(raw[1])
+        persistent = to_int(raw[2], 0) == 1
         if ring_ref is None or evtchn is None:
             raise Disconnect(f"frontend {fe_path} is Initialised without ring-ref/event-channel")
         try:

@@ -54,8 +54,8 @@ from domains.driverdom.bridge import Bridge, BridgeError
 from domains.driverdom.netback import Netback
 from domains.kernel.grant_table import GrantError
 from domains.kernel.xenbus import (FRONTEND_GONE, XenbusState, backend_fail, backend_handshake,
-                                   device_progress, frontend_is, read_int, read_node,
-                                   switch_state, wait_until)
+                                   device_progress, frontend_is, read_nodes, switch_state,
+                                   to_int, wait_until, write_nodes)
 
 if TYPE_CHECKING:
     from domains.kernel.boot import Kernel
@@ -101,19 +101,20 @@ class NetifBackend:
 
     async def run(self) -> None:
         xs, path = self.xs, self.path
-        fe_path = (await read_node(xs, f"{path}/frontend") or b"").decode(errors="replace")
-        fe_id = await read_int(xs, f"{path}/frontend-id")
-        handle = await read_int(xs, f"{path}/handle", 0)
-        bridge_name = (await read_node(xs, f"{path}/bridge") or DEFAULT_BRIDGE.encode()) \
-            .decode(errors="replace").strip() or DEFAULT_BRIDGE
+        raw = await read_nodes(xs, [f"{path}/{k}" for k in ("frontend", "frontend-id", "handle",
+                                                             "bridge")])
+        fe_path = (raw[0] or b"").decode(errors="replace")
+        fe_id, handle = to_int(raw[1]), to_int(raw[2], 0)
+        bridge_name = (raw[3] or DEFAULT_BRIDGE.encode()).decode(errors="replace").strip() \
+            or DEFAULT_BRIDGE
         if not fe_path or fe_id is None:
             await self._fail(f"incomplete backend directory (frontend={fe_path!r}, "
                              f"frontend-id={fe_id!r})")
             return
         name = f"vif{fe_id}.{handle}"
-        for key, value in (("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
-                           ("feature-gso-tcpv4", 0), ("feature-multicast-control", 0)):
-            await xs.write(f"{path}/{key}", str(value).encode())
+        await write_nodes(xs, ((f"{path}/{key}", value) for key, value in (
+            ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
+            ("feature-gso-tcpv4", 0), ("feature-multicast-control", 0))))
         log.info("%s: %s for d%d on bridge %s", path, name, fe_id, bridge_name)
         await backend_handshake(xs, path, fe_path,
                                 lambda: self._connect_and_serve(fe_path, fe_id, name, bridge_name),
@@ -125,10 +126,10 @@ class NetifBackend:
     async def _connect_and_serve(self, fe_path: str, fe_id: int, name: str,
                                  bridge_name: str) -> None:
         xs, k = self.xs, self.k
-        tx_ref = await read_int(xs, f"{fe_path}/tx-ring-ref")
-        rx_ref = await read_int(xs, f"{fe_path}/rx-ring-ref")
-        evtchn = await read_int(xs, f"{fe_path}/event-channel")
-        rx_copy = await read_int(xs, f"{fe_path}/request-rx-copy", 0)
+        raw = await read_nodes(xs, [f"{fe_path}/{k}" for k in ("tx-ring-ref", "rx-ring-ref",
+                                                                "event-channel", "request-rx-copy")])
+        tx_ref, rx_ref, evtchn = to_int(raw[0]), to_int(raw[1]), to_int(raw[2])
+        rx_copy = to_int(raw[3], 0)
         if tx_ref is None or rx_ref is None or evtchn is None:
             raise VifRefused(f"frontend {fe_path} is Initialised without tx-ring-ref, "
                              f"rx-ring-ref and event-channel")
