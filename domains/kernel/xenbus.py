@@ -591,19 +591,22 @@ class BackendWatcher:
 
     async def _scan(self, nursery: trio.Nursery) -> None:
         present = set()
-        for fe in await self._list(self.root):
-            for devid in await self._list(f"{self.root}/{fe}"):
-                path = f"{self.root}/{fe}/{devid}"
-                # a directory the toolstack is still writing has no frontend yet
-                if await read_node(self.xs, f"{path}/frontend") is None:
-                    continue
-                if await read_node(self.xs, f"{path}/online") == b"0":
-                    continue                     # being removed: see _offline
-                present.add(path)
-                if path not in self.running:
-                    scope = trio.CancelScope()
-                    self.running[path] = scope
-                    nursery.start_soon(self._guard, path, scope)
+        paths = [f"{self.root}/{fe}/{devid}" for fe in await self._list(self.root)
+                 for devid in await self._list(f"{self.root}/{fe}")]
+        # Every device's two keys at once: a driver domain that has just been
+        # re-created finds all its devices here, and each one waits for this.
+        raw = await read_nodes(self.xs, [f"{p}/{k}" for p in paths for k in ("frontend", "online")])
+        for i, path in enumerate(paths):
+            frontend, online = raw[2 * i], raw[2 * i + 1]
+            if frontend is None:
+                continue     # a directory the toolstack is still writing has no frontend yet
+            if online == b"0":
+                continue     # being removed: see _offline
+            present.add(path)
+            if path not in self.running:
+                scope = trio.CancelScope()
+                self.running[path] = scope
+                nursery.start_soon(self._guard, path, scope)
         for path, scope in list(self.running.items()):
             if path not in present:
                 scope.cancel()
