@@ -68,6 +68,20 @@ def test_end_access_is_refused_while_mapped_and_allowed_after_unmap(shared_hv):
     map_refused(GNTST_permission_denied, b, dom=a.domid, ref=ref)   # access really ended
 
 
+def test_a_double_end_cannot_hand_one_reference_to_two_users(shared_hv):
+    """Ending a reference twice (a driver's clean-up running twice) must not
+    put it on the free list twice: two later grants would share it, and a
+    backend's cached mapping of one would serve the other's page."""
+    a, gfn, ref, b = shared_page(shared_hv)
+    assert a.do("end_access", ref=ref) is True
+    assert a.do("end_access", ref=ref) is True      # refused, and reported in the log
+    first = a.do("grant", domid=b.domid, gfn=gfn)
+    second = a.do("grant", domid=b.domid, gfn=gfn)
+    assert first != second
+    for r in (first, second):
+        assert a.do("end_access", ref=r) is True
+
+
 def test_read_only_grant_maps_read_only_and_refuses_read_write(shared_hv):
     a, gfn, ref, b = shared_page(shared_hv, b"read me", readonly=True)
     map_refused(GNTST_permission_denied, b, dom=a.domid, ref=ref)   # asks for write
