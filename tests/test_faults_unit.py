@@ -134,3 +134,23 @@ def test_disk_checker_accepts_exactly_what_overlapping_writes_allow() -> None:
     # A write that failed may or may not have landed.
     c.indeterminate[868] = 558
     assert c.check(868, block_content(4, 868, 558))
+
+
+def test_blkfront_request_history_is_bounded_and_keeps_no_data() -> None:
+    """A failure report's request history: the last few per sector, for the
+    most recently used sectors only, and never a request's data."""
+    import types
+    from domains.domu import blkfront
+    dev = blkfront.BlkFront(types.SimpleNamespace(domid=1), None, 51712)
+    for seq in range(blkfront.HISTORY_SECTORS + 10):
+        req = blkfront._Req(blkif.BLKIF_OP_WRITE, seq * 8, 8, b"x" * 4096, seq=seq)
+        req.trace.append(("put", 1, 0, [0x100], [8]))
+        dev._remember(req)
+    assert len(dev._recent) == blkfront.HISTORY_SECTORS
+    assert dev.history(0) == "none"                                  # the oldest sector went
+    assert dev.history(8 * (blkfront.HISTORY_SECTORS + 9)).startswith("#4105 write [('put'")
+    for seq in range(10):
+        dev._remember(blkfront._Req(blkif.BLKIF_OP_READ, 80, 8, seq=100000 + seq))
+    assert len(dev._recent[80]) == blkfront.HISTORY_PER_SECTOR
+    assert all(len(entry) == 3 and not isinstance(entry[2], bytes)
+               for entry in dev._recent[80])

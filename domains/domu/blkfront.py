@@ -106,6 +106,10 @@ _REQUEST_LAYOUT = [struct.Struct("<BBH4xQQ" + "IBBxx" * n + f"{(SEGS - n) * 8}x"
 assert all(layout.size == blkif.REQUEST_SIZE for layout in _REQUEST_LAYOUT)
 #: Requests one single-page ring holds (32 for blkif's 112-byte entries).
 RING_SLOTS = ring_size(PAGE_SIZE, blkif.ENTRY_SIZE)
+#: How much request history :meth:`BlkFront.history` keeps: the last few
+#: requests for each of the most recently used sectors.
+HISTORY_PER_SECTOR = 4
+HISTORY_SECTORS = 4096
 
 
 class BlockIOError(OSError):
@@ -164,8 +168,10 @@ class BlkFront:
         self.inflight: dict[int, _Req] = {}
         self._seq = itertools.count()
         self._conns = itertools.count(1)
-        #: The last few requests starting at each sector (see :meth:`history`).
-        self._recent: dict[int, collections.deque] = {}
+        #: (seq, op, trace) of the last few requests starting at each of the
+        #: most recently used sectors (see :meth:`history`).  Bounded both
+        #: ways, and holding traces only, never a request's data.
+        self._recent: collections.OrderedDict[int, collections.deque] = collections.OrderedDict()
         self._slots = trio.Semaphore(RING_SLOTS)
         self._free_pages: list["Page"] = []
         self._conn: _Conn | None = None
@@ -185,8 +191,19 @@ class BlkFront:
         """The last few requests that started at ``sector``: for a failure
         report, what each went through (connection, ring id, pages, grants,
         completion), oldest first."""
-        return "; ".join(f"#{r.seq} {blkif.OP_NAMES.get(r.op, r.op)} {r.trace}"
-                         for r in self._recent.get(sector, ())) or "none"
+        return "; ".join(f"#{seq} {blkif.OP_NAMES.get(op, op)} {trace}"
+                         for seq, op, trace in self._recent.get(sector, ())) or "none"
+
+    def _remember(self, req: _Req) -> None:
+        recent = self._recent
+        last = recent.get(req.sector)
+        if last is None:
+            last = recent[req.sector] = collections.deque(maxlen=HISTORY_PER_SECTOR)
+            if len(recent) > HISTORY_SECTORS:
+                recent.popitem(last=False)
+        else:
+            recent.move_to_end(req.sector)
+        last.append((req.seq, req.op, req.trace))
 
     @property
     def connected(self) -> bool:
@@ -280,7 +297,7 @@ class BlkFront:
                 req.pages = free[-npages:]
                 del free[-npages:]
             req.seq = next(self._seq)
-            self._recent.setdefault(req.sector, collections.deque(maxlen=4)).append(req)
+            self._remember(req)
             self.inflight[req.seq] = req
             self.stats["requests"] += 1
             try:
