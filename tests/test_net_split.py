@@ -292,12 +292,35 @@ def test_netfront_refuses_a_response_it_never_asked_for():
 # --- reconnection -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def old_and_new_backend():
+    """A guest (1), the driver domain it starts on (DD) and the one it moves to (9)."""
+    xen = LocalXen([DD, 1, 9], pages=1024)
+    dd, g, new_dd = xen.kernel(DD), xen.kernel(1), xen.kernel(9)
+    try:
+        yield xen, dd, g, new_dd
+    finally:
+        for k in (dd, g, new_dd):
+            k.close()
+        xen.close()
+
+
+async def connect_new_backend(xen, nursery, nf: Netfront, new_dd) -> list[bytes]:
+    """Wire nf's current rings to a netback in ``new_dd``; the frames it receives."""
+    fe, be = xen.event_channel()
+    nb = await Netback.connect(new_dd.grants, new_dd.memory, 1, nf.tx_ring_ref,
+                               nf.rx_ring_ref, be)
+    got: list[bytes] = []
+    nb.on_packet = got.append
+    await nursery.start(nb.run)
+    nf.connect(fe)
+    return got
+
+
 def test_in_flight_packets_are_replayed_on_a_new_backend():
     """The backend dies with packets on the ring; a new one gets them all, in order."""
     async def main():
-        xen = LocalXen([DD, 1, 9], pages=1024)
-        dd, g, new_dd = xen.kernel(DD), xen.kernel(1), xen.kernel(9)
-        try:
+        with old_and_new_backend() as (xen, dd, g, new_dd):
             nf = await Netfront.create(g.grants, g.memory, DD, nr_tx_pages=16)
             fe_port, be_port = xen.event_channel()
             async with trio.open_nursery() as nursery:
@@ -315,22 +338,12 @@ def test_in_flight_packets_are_replayed_on_a_new_backend():
                 assert nf.in_flight == 11
                 assert g.grants.free_count == g.grants.nr_entries - 8   # every grant ended
                 await nf.prepare(9)
-                fe2, be2 = xen.event_channel()
-                nb = await Netback.connect(new_dd.grants, new_dd.memory, 1, nf.tx_ring_ref,
-                                           nf.rx_ring_ref, be2)
-                got: list[bytes] = []
-                nb.on_packet = got.append
-                await nursery.start(nb.run)
-                nf.connect(fe2)
+                got = await connect_new_backend(xen, nursery, nf, new_dd)
                 with trio.fail_after(TIMEOUT):
                     await nf.flush()
                 assert [f[14] for f in got] == list(range(10)) + [0xAA]
                 assert nf.stats.tx_resent == 11 and nf.in_flight == 0
                 nursery.cancel_scope.cancel()
-        finally:
-            for k in (dd, g, new_dd):
-                k.close()
-            xen.close()
     trio.run(main)
 
 
@@ -343,9 +356,7 @@ def test_a_failed_handshake_before_connect_does_not_strand_the_service_task():
     although it showed Connected.
     """
     async def main():
-        xen = LocalXen([DD, 1, 9], pages=1024)
-        dd, g, new_dd = xen.kernel(DD), xen.kernel(1), xen.kernel(9)
-        try:
+        with old_and_new_backend() as (xen, dd, g, new_dd):
             nf = await Netfront.create(g.grants, g.memory, DD, nr_tx_pages=16)
             fe_port, _ = xen.event_channel()
             async with trio.open_nursery() as nursery:
@@ -356,20 +367,10 @@ def test_a_failed_handshake_before_connect_does_not_strand_the_service_task():
                 await nf.prepare(DD)                   # a handshake that never connects
                 await nf.disconnect()
                 await nf.prepare(9)                    # the next one does
-                fe2, be2 = xen.event_channel()
-                nb = await Netback.connect(new_dd.grants, new_dd.memory, 1, nf.tx_ring_ref,
-                                           nf.rx_ring_ref, be2)
-                got: list[bytes] = []
-                nb.on_packet = got.append
-                await nursery.start(nb.run)
-                nf.connect(fe2)
+                got = await connect_new_backend(xen, nursery, nf, new_dd)
                 await nf.send(frame(2, 1, b"\x01" * 50))
                 with trio.fail_after(TIMEOUT):
                     await nf.flush()                   # needs the service task's tx responses
                 assert len(got) == 1
                 nursery.cancel_scope.cancel()
-        finally:
-            for k in (dd, g, new_dd):
-                k.close()
-            xen.close()
     trio.run(main)
