@@ -77,7 +77,7 @@ import trio
 from domains.kernel import faultpoint
 from domains.kernel.xenbus import (FrontendDevice, XenbusState, connect_retrying,
                                    frontend_start_over, peer_gone, publish_and_wait_connected,
-                                   read_int, read_nodes, to_int, wait_until)
+                                   first_device, read_int, read_nodes, to_int)
 from ipc import blkif
 from ipc.page import PAGE_SIZE
 from ipc.ring import FrontRing, RingCorruptError, ring_size
@@ -539,15 +539,7 @@ async def open_vbd(k: "Kernel", xs, nursery: trio.Nursery, devid: int | str | No
                    persistent: bool = True, timeout: float = 60.0) -> BlkFront:
     """Start the frontend of ``device/vbd/<devid>`` (the first one if None)."""
     if devid is None:
-        base = f"/local/domain/{k.domid}/device/vbd"
-
-        async def first():
-            try:
-                devs = await xs.directory(base)
-            except OSError:
-                return None
-            return sorted(devs)[0] if devs else None
-        devid = await wait_until(xs, [base], first, timeout)
+        devid = await first_device(xs, k.domid, "vbd", timeout)
     return await BlkFront(k, xs, devid, persistent).start(nursery, timeout)
 
 

@@ -59,7 +59,7 @@ from domains.domu.blkfront import CLEANUP_TIMEOUT, RETRY_DELAY
 from domains.domu.netfront import Netfront
 from domains.kernel.xenbus import (FrontendDevice, XenbusState, connect_retrying,
                                    frontend_start_over, peer_gone, publish_and_wait_connected,
-                                   read_node, wait_until)
+                                   first_device, read_node)
 from ipc.ring import RingError
 
 if TYPE_CHECKING:
@@ -248,15 +248,7 @@ async def open_vif(k: "Kernel", xs, nursery: trio.Nursery, devid: int | str | No
                    timeout: float = 60.0) -> NetifFrontend:
     """Start the frontend of ``device/vif/<devid>`` (the first one if None)."""
     if devid is None:
-        base = f"/local/domain/{k.domid}/device/vif"
-
-        async def first():
-            try:
-                devs = await xs.directory(base)
-            except OSError:
-                return None
-            return sorted(devs, key=lambda d: (len(d), d))[0] if devs else None
-        devid = await wait_until(xs, [base], first, timeout)
+        devid = await first_device(xs, k.domid, "vif", timeout)
     return await NetifFrontend(k, xs, devid).start(nursery, timeout)
 
 

@@ -263,6 +263,20 @@ class FrontendDevice:
         return await wait_until(self.xs, [f"{be_path}/state", f"{self.nodename}/backend"], gone)
 
 
+async def first_device(xs, domid: int, devtype: str, timeout: float = float("inf")) -> str:
+    """The lowest-numbered ``device/<devtype>/<devid>`` of domain ``domid``,
+    waiting for the toolstack to write one (a guest's "my disk", "my vif")."""
+    base = f"/local/domain/{domid}/device/{devtype}"
+
+    async def first():
+        try:
+            devs = await xs.directory(base)
+        except OSError:
+            return None
+        return min(devs, key=lambda d: (len(d), d)) if devs else None
+    return await wait_until(xs, [base], first, timeout)
+
+
 async def publish_and_wait_connected(dev: FrontendDevice, be_path: str,
                                      nodes: Iterable[tuple[str, str]],
                                      logger: logging.Logger = log) -> bool:
