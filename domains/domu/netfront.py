@@ -47,7 +47,9 @@ flight*; :meth:`disconnect` keeps every in-flight packet and :meth:`connect`
 sends them again on the new rings before anything new (the replay Linux's
 blkfront does for block requests; see "differs" below).  A response from a
 broken or hostile backend (an id we never used, a length past the page) is
-counted and refused, never trusted.
+counted and refused, never trusted.  The rings' memory is released only
+after the service task has left them (:meth:`disconnect` waits for it), and
+a disconnect ends each grant once, however often it is called.
 
 Where this differs from Xen
 ---------------------------

@@ -29,7 +29,9 @@ Here
     backend directory again under the new driver domain's id and point the
     frontend's ``backend``/``backend-id`` at it (re-permissioning the
     frontend's nodes so the new backend may read them).  The frontend notices
-    and reconnects.
+    and reconnects.  Removing a device goes as in libxl: ``online = 0`` and
+    ``state = Closing`` first, and the directories go only once the backend
+    answers Closed (:func:`close_backend`, bounded for a backend that is hung).
 
     Disk images: ``target`` is the image file.  An absolute path is used as
     it is; a relative one is relative to the run directory.  If the file does
@@ -41,7 +43,8 @@ Here
 
 Invariant
     A VBD is either fully written (both directories) or not at all; a refused
-    disk spec changes nothing in XenStore.
+    disk spec changes nothing in XenStore.  A live backend has stopped serving
+    a device's ring before the device's directories are removed.
 
 Where this differs from Xen
     No hotplug scripts: the "physical device" is a file the backend opens by
