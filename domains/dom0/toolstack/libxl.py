@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("libxl")
 
+#: Grant mappings one maptrack frame holds in Xen (a 16-byte struct
+#: grant_mapping per entry), so xl.cfg's max_maptrack_frames means here what
+#: it means there: how many foreign pages a domain may map at once.
+MAPTRACK_PER_FRAME = 4096 // 16
+
 # `kernel =` in a config names a guest kernel program.  Short names for ours;
 # any importable module with a kernel_main also works (tests use their own).
 KERNELS = {
@@ -134,7 +139,9 @@ class Toolstack:
                 memory_kb=cfg.memory * 1024, max_memory_kb=max(cfg.maxmem or 0, cfg.memory) * 1024,
                 vcpus=cfg.maxvcpus, uuid=cfg.uuid, cmdline=guest_cmdline(cfg),
                 max_evtchn_port=min(cfg.max_event_channels, 1024),
-                max_grant_frames=min(cfg.max_grant_frames, 64), privileged=False)
+                max_grant_frames=min(cfg.max_grant_frames, 64),
+                max_maptrack=min(cfg.max_maptrack_frames * MAPTRACK_PER_FRAME, 1 << 20),
+                privileged=False)
         except HypercallError as exc:
             raise ToolstackError(f"cannot create '{cfg.name}': {exc.message}") from None
         domid = r["domid"]
