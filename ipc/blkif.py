@@ -51,6 +51,7 @@ page; here a request is always decoded from a private copy of the slot.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -320,6 +321,14 @@ def unpack_request(data: bytes) -> AnyRequest:
         npages = -(-nseg // SEGS_PER_INDIRECT_FRAME)
         return BlkifRequestIndirect(iop, rid, sector, nseg, tuple(fields[6:6 + npages]), handle)
     raise BlkifRequestError(rid, op, f"unknown operation {op}")
+
+
+@functools.lru_cache(maxsize=SEGS_PER_INDIRECT_FRAME)
+def segment_array(nseg: int) -> struct.Struct:
+    """``blkif_request_segment[nseg]`` as one Struct (gref, first_sect,
+    last_sect for each), so a whole indirect page's worth is packed or
+    unpacked in one call: the hot path of a large read or write."""
+    return struct.Struct("<" + "IBBxx" * nseg)
 
 
 def pack_indirect_segments(segments: list[Segment] | tuple[Segment, ...]) -> list[bytes]:

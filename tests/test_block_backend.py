@@ -114,7 +114,7 @@ def test_hostile_requests_get_errors_not_crashes(tmp_path):
         (req(blkif.BLKIF_OP_READ, 6, 0), E),                               # no segments
         (struct.pack("<BBH4xQQ", 99, 0, 0, 7, 0) + bytes(88), NS),          # unknown op
         (struct.pack("<BBH4xQQ", 0, 12, 0, 8, 0) + bytes(88), E),           # 12 segments
-        (blkif.BlkifRequestIndirect(0, 9, 0, 1, (10,)).pack() + bytes(48), NS),
+        (blkif.BlkifRequestIndirect(3, 9, 0, 1, (10,)).pack() + bytes(48), E),  # indirect flush
         (blkif.BlkifRequestDiscard(10, SECTORS - 1, 2).pack() + bytes(80), E),
         (req(blkif.BLKIF_OP_READ, 2**64 - 1, 0, [(10, 0, 0)]), blkif.BLKIF_RSP_OKAY),  # any id echoes
     ]
@@ -196,3 +196,58 @@ def test_discard_punches_a_hole(tmp_path):
         assert r.status == blkif.BLKIF_RSP_OKAY
     trio.run(main)
     assert os.pread(back.fd, 4096, 0) == bytes(4096)
+
+
+def indirect(op, rid, sector, table_ref, nseg):
+    return blkif.BlkifRequestIndirect(op, rid, sector, nseg, (table_ref,)).pack() + bytes(48)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_indirect_write_then_read(tmp_path, persistent):
+    """An indirect request's segments live in a granted page (here page 13)."""
+    back, conn, _f, pages, grants = make(tmp_path, persistent)
+
+    def table(*segs):
+        pages[13][:] = b"".join(blkif.pack_indirect_segments(
+            [blkif.Segment(*seg) for seg in segs]))
+
+    async def main():
+        pages[10][:] = bytes(range(256)) * 16
+        pages[11][:] = b"\xa5" * 4096
+        table((10, 0, 7), (11, 0, 7))
+        r = await conn.handle(indirect(blkif.BLKIF_OP_WRITE, 1, 16, 13, 2))
+        assert (r.id, r.operation, r.status) == (1, blkif.BLKIF_OP_INDIRECT, blkif.BLKIF_RSP_OKAY)
+        pages[10][:] = pages[11][:] = bytes(4096)
+        table((11, 0, 7), (12, 0, 3), (10, 4, 7))     # 16 sectors over three pages
+        r = await conn.handle(indirect(blkif.BLKIF_OP_READ, 2, 16, 13, 3))
+        assert r.status == blkif.BLKIF_RSP_OKAY
+    trio.run(main)
+    written = os.pread(back.fd, 8192, 16 * 512)
+    assert written == bytes(range(256)) * 16 + b"\xa5" * 4096
+    assert pages[11] == written[:4096]
+    assert pages[12][:2048] == written[4096:6144] and pages[10][2048:] == written[6144:]
+    if persistent:
+        assert grants.unmapped == 0
+    else:
+        assert grants.unmapped == grants.mapped
+
+
+def test_hostile_indirect_requests_get_errors(tmp_path):
+    back, conn, _f, pages, _g = make(tmp_path, readonly=False)
+    pages[13][:] = b"".join(blkif.pack_indirect_segments(
+        [blkif.Segment(10, 0, 7), blkif.Segment(11, 6, 2)]))     # the second is backwards
+    E = blkif.BLKIF_RSP_ERROR
+    cases = [
+        (indirect(blkif.BLKIF_OP_READ, 1, 0, 13, 2), E),          # a bad segment in the table
+        (indirect(blkif.BLKIF_OP_READ, 2, 0, 999, 1), E),         # a bad indirect grant
+        (indirect(blkif.BLKIF_OP_READ, 3, 0, 13, blkback.MAX_INDIRECT_SEGMENTS + 1), E),
+        (indirect(blkif.BLKIF_OP_WRITE, 4, SECTORS - 4, 13, 1), E),  # off the end
+        (indirect(blkif.BLKIF_OP_READ, 5, 0, 13, 1), blkif.BLKIF_RSP_OKAY),
+    ]
+
+    async def main():
+        for raw, want in cases:
+            r = await conn.handle(raw)
+            assert (r.id, r.status) == (struct.unpack_from("<Q", raw, 8)[0], want), r
+    trio.run(main)
+    assert back.stats["errors"] == len(cases) - 1

@@ -18,7 +18,12 @@ Here
     ``await dev.flush()``, ``await dev.discard(sector, count)``, at 512-byte
     sector granularity.  Any number of tasks may call them at once; up to one
     ring's worth (32) of blkif requests are in flight, the rest wait for a slot.
-    A large read or write is split into requests of up to 11 pages each.
+    A large read or write is split into requests of up to 11 pages each, or,
+    when the backend offers ``feature-max-indirect-segments``, of up to 256
+    pages (1 MiB) each, as BLKIF_OP_INDIRECT requests whose segment arrays
+    live in an *indirect page* granted beside the data (one per ring slot,
+    allocated once).  At most 1024 data pages are in flight at once, so the
+    backend's persistent grants (1056 per device, as in Linux) cover them.
 
     Every request lives in ``inflight`` from the moment it is issued until its
     response arrives, with its own copy of the data to write and its own data
@@ -39,7 +44,14 @@ The data path
     an event is sent only if the backend asked for one (ring.h's hold-off),
     so while blkback is busy a stream of requests costs no notification.  A
     write's chunks are views of one private copy of the caller's data; a
-    read's pages are copied straight into the caller's result buffer.
+    read's result is made by one ``b"".join`` of its pages (a single copy,
+    done in C, as ``pread`` makes its bytes).
+
+    A request whose pages do not fit the current backend's limit (a replay
+    to a backend that offers fewer segments than the one it was issued to)
+    goes on the ring as several parts, and parts that find no free ring
+    slot wait in the connection's backlog until a response frees one, as
+    Linux's blkif_recover requeues what no longer fits.
 
 Grants
     Two modes (``persistent=``): with *persistent grants* (the default, and
@@ -106,6 +118,13 @@ _REQUEST_LAYOUT = [struct.Struct("<BBH4xQQ" + "IBBxx" * n + f"{(SEGS - n) * 8}x"
 assert all(layout.size == blkif.REQUEST_SIZE for layout in _REQUEST_LAYOUT)
 #: Requests one single-page ring holds (32 for blkif's 112-byte entries).
 RING_SLOTS = ring_size(PAGE_SIZE, blkif.ENTRY_SIZE)
+#: Segments this frontend puts in one indirect request (at most the
+#: backend's feature-max-indirect-segments): 1 MiB of 4 KiB pages.
+MAX_INDIRECT_SEGMENTS = 256
+#: Data pages in flight at once (Linux sizes its grant pool the same way:
+#: with one indirect page per ring slot, 1024 + 32 = blkback's 1056
+#: persistent grants per device, so the steady state maps nothing).
+MAX_INFLIGHT_PAGES = 1024
 #: How much request history :meth:`BlkFront.history` keeps: the last few
 #: requests for each of the most recently used sectors.
 HISTORY_PER_SECTOR = 4
@@ -130,7 +149,8 @@ class _Req:
     result: bytes = b""
     raw: Callable[[int], bytes] | None = None   # tests: build the slot bytes from an id
     grefs: list[int] = field(default_factory=list)   # per-request grants of this connection
-    dest: memoryview | None = None        # a read's data goes here (the caller's buffer)
+    parts_left: int = 0                   # ring requests still unanswered on this connection
+    part_status: int = blkif.BLKIF_RSP_OKAY   # the first error any part got
     #: What happened to it, for failure reports: ("put", conn, id, gfns, grefs),
     #: ("done", conn, id, status, how), ("data", first bytes of the page).
     trace: list = field(default_factory=list)
@@ -148,6 +168,10 @@ class _Conn:
         self.shadow: dict[int, _Req] = {}
         self.free_ids = list(range(ring.size - 1, -1, -1))
         self.pgrants: dict[int, int] = {}   # gfn -> gref (persistent mode)
+        #: Segments one request may carry here: 11, or the indirect limit.
+        self.max_segs = SEGS
+        #: Parts waiting for a ring slot: (request, first page, end page).
+        self.backlog: collections.deque[tuple[_Req, int, int]] = collections.deque()
         self.lost = trio.Event()
         self.closed = False
         self.no = 0                 # which connection of this device, for traces
@@ -174,6 +198,10 @@ class BlkFront:
         self._recent: collections.OrderedDict[int, collections.deque] = collections.OrderedDict()
         self._slots = trio.Semaphore(RING_SLOTS)
         self._free_pages: list["Page"] = []
+        self._pages_out = 0                 # data pages held by requests in flight
+        self._pages_back = trio.Event()     # set when some are given back
+        self._indirect: list["Page"] = []   # ring id -> its indirect page
+        self._max_segs = SEGS               # the last connection's limit, for splitting
         self._conn: _Conn | None = None
         self._connected = trio.Event()
         self.stats = {"reconnects": 0, "replayed": 0, "bogus_responses": 0, "requests": 0}
@@ -215,13 +243,9 @@ class BlkFront:
     async def read(self, sector: int, count: int) -> bytes:
         """Read ``count`` sectors from ``sector``."""
         self._check(sector, count)
-        # Each request copies its pages straight into its part of one buffer.
-        buf = bytearray(count * SECTOR)
-        view = memoryview(buf)
-        await self._all([(self._issue, _Req(blkif.BLKIF_OP_READ, s, n,
-                                            dest=view[(s - sector) * SECTOR:(s - sector + n) * SECTOR]))
-                         for s, n in self._split(sector, count)])
-        return bytes(buf)
+        reqs = [_Req(blkif.BLKIF_OP_READ, s, n) for s, n in self._split(sector, count)]
+        await self._all([(self._issue, req) for req in reqs])
+        return reqs[0].result if len(reqs) == 1 else b"".join(req.result for req in reqs)
 
     async def write(self, sector: int, data: bytes) -> None:
         """Write ``data`` (a whole number of sectors) at ``sector``."""
@@ -266,9 +290,8 @@ class BlkFront:
             raise ValueError(f"sectors {sector}..{sector + count - 1} are outside "
                              f"{self.dev.nodename} ({self.sectors} sectors)")
 
-    @staticmethod
-    def _split(sector: int, count: int) -> list[tuple[int, int]]:
-        per = SEGS * (PAGE_SIZE // SECTOR)
+    def _split(self, sector: int, count: int) -> list[tuple[int, int]]:
+        per = self._max_segs * (PAGE_SIZE // SECTOR)
         return [(s, min(per, sector + count - s)) for s in range(sector, sector + count, per)]
 
     @staticmethod
@@ -288,8 +311,13 @@ class BlkFront:
             slots.acquire_nowait()  # trip through the scheduler
         except trio.WouldBlock:
             await slots.acquire()
+        npages = -(-req.nsect * SECTOR // PAGE_SIZE) if req.raw is None else 0
+        held = 0
         try:
-            npages = -(-req.nsect * SECTOR // PAGE_SIZE) if req.raw is None else 0
+            while self._pages_out + npages > MAX_INFLIGHT_PAGES and self._pages_out:
+                await self._pages_back.wait()
+            self._pages_out += npages
+            held = npages
             free = self._free_pages
             while len(free) < npages:
                 free.extend(await self.k.memory.alloc(npages - len(free)))
@@ -311,6 +339,10 @@ class BlkFront:
                 self._free_pages.extend(req.pages)
                 req.pages = []
         finally:
+            self._pages_out -= held
+            if held:
+                self._pages_back.set()
+                self._pages_back = trio.Event()
             slots.release()
         if req.raw is not None:
             return b""
@@ -322,7 +354,28 @@ class BlkFront:
         return req.result
 
     def _put(self, conn: _Conn, req: _Req) -> None:
-        """Put one request on the ring (synchronous: no other task runs meanwhile)."""
+        """Put one request on the ring (synchronous: no other task runs meanwhile).
+
+        Normally one ring request; several parts if its pages exceed what
+        this backend takes in one.  A part that finds no free ring id waits
+        in the backlog (only a replay can overflow the ring)."""
+        npages = len(req.pages)
+        per = conn.max_segs
+        req.part_status = blkif.BLKIF_RSP_OKAY
+        if npages <= per:
+            req.parts_left = 1
+            self._put_part(conn, req, 0, npages)
+            return
+        starts = range(0, npages, per)
+        req.parts_left = len(starts)
+        for lo in starts:
+            self._put_part(conn, req, lo, min(lo + per, npages))
+
+    def _put_part(self, conn: _Conn, req: _Req, lo: int, hi: int) -> None:
+        """Pages ``lo``..``hi`` of ``req`` as one ring request (or into the backlog)."""
+        if not conn.free_ids:
+            conn.backlog.append((req, lo, hi))
+            return
         rid = conn.free_ids.pop()
         conn.shadow[rid] = req
         if req.raw is not None:
@@ -331,27 +384,40 @@ class BlkFront:
         if req.op == blkif.BLKIF_OP_DISCARD:
             conn.ring.put_request(blkif.BlkifRequestDiscard(rid, req.sector, req.discard_count).pack())
             return
-        fields = [req.op, len(req.pages), 0, rid, req.sector]
-        left = req.nsect
         writing = req.op != blkif.BLKIF_OP_READ
         data = req.data if writing else None
-        pgrants = conn.pgrants
-        for i, page in enumerate(req.pages):
+        segs: list[int] = []
+        left = req.nsect - lo * (PAGE_SIZE // SECTOR)
+        for i in range(lo, hi):
+            page = req.pages[i]
             n = min(left, PAGE_SIZE // SECTOR)
             left -= n
             if data is not None:
                 page.map[0:n * SECTOR] = data[i * PAGE_SIZE:i * PAGE_SIZE + n * SECTOR]
-            if conn.persistent:
-                gref = pgrants.get(page.gfn)
-                if gref is None:
-                    gref = pgrants[page.gfn] = self.k.grants.grant_access(conn.be_id, page.gfn)
-            else:
-                gref = self.k.grants.grant_access(conn.be_id, page.gfn, readonly=writing)
-                req.grefs.append(gref)
-            fields += (gref, 0, n - 1)          # one blkif_request_segment
-        raw = _REQUEST_LAYOUT[len(req.pages)].pack(*fields)
-        req.trace.append(("put", conn.no, rid, [p.gfn for p in req.pages], fields[5::3]))
+            segs += (self._grant(conn, req, page, writing), 0, n - 1)
+        sector = req.sector + lo * (PAGE_SIZE // SECTOR)
+        if hi - lo <= SEGS:
+            raw = _REQUEST_LAYOUT[hi - lo].pack(req.op, hi - lo, 0, rid, sector, *segs)
+        else:       # BLKIF_OP_INDIRECT: the segments go in this id's indirect page
+            table = self._indirect[rid]
+            blkif.segment_array(hi - lo).pack_into(table.map, 0, *segs)
+            raw = blkif.BlkifRequestIndirect(
+                req.op, rid, sector, hi - lo,
+                (self._grant(conn, req, table, True),)).pack().ljust(blkif.REQUEST_SIZE, b"\0")
+        req.trace.append(("put", conn.no, rid, [p.gfn for p in req.pages[lo:lo + SEGS]],
+                          segs[0:3 * SEGS:3]))
         conn.ring.put_request(faultpoint.hit_nowait("blkfront.request", raw))
+
+    def _grant(self, conn: _Conn, req: _Req, page: "Page", readonly: bool) -> int:
+        """The grant reference the backend uses for ``page`` on this connection."""
+        if conn.persistent:
+            gref = conn.pgrants.get(page.gfn)
+            if gref is None:
+                gref = conn.pgrants[page.gfn] = self.k.grants.grant_access(conn.be_id, page.gfn)
+            return gref
+        gref = self.k.grants.grant_access(conn.be_id, page.gfn, readonly=readonly)
+        req.grefs.append(gref)
+        return gref
 
     def _push(self, conn: _Conn) -> None:
         if conn.ring.push_requests_and_check_notify():
@@ -366,27 +432,27 @@ class BlkFront:
                         self.dev.nodename, rsp.id)
             return
         conn.free_ids.append(rsp.id)
+        if conn.backlog and not conn.closed:
+            self._put_part(conn, *conn.backlog.popleft())
+            self._push(conn)
         faultpoint.count("io.complete", rsp.status)
         req.trace.append(("done", conn.no, rsp.id, rsp.status, how, req.done.is_set()))
+        if rsp.status != blkif.BLKIF_RSP_OKAY and req.part_status == blkif.BLKIF_RSP_OKAY:
+            req.part_status = rsp.status
+        req.parts_left -= 1
+        if req.parts_left > 0:
+            return
+        status = req.part_status
         if req.op == blkif.BLKIF_OP_READ and req.pages:
             req.trace.append(("data", bytes(req.pages[0].map[:24]).hex()))
         self._end_grants(req)
-        if req.dest is not None and rsp.status == blkif.BLKIF_RSP_OKAY:
-            dest, off, left = req.dest, 0, req.nsect * SECTOR
-            for page in req.pages:
-                n = min(left, PAGE_SIZE)
-                dest[off:off + n] = page.map if n == PAGE_SIZE else page.map[:n]
-                off += n
-                left -= n
-        elif req.op == blkif.BLKIF_OP_READ and req.raw is None and rsp.status == blkif.BLKIF_RSP_OKAY:
-            out = bytearray()
-            left = req.nsect * SECTOR
-            for page in req.pages:
-                n = min(left, PAGE_SIZE)
-                out += page.map[0:n]
-                left -= n
-            req.result = bytes(out)
-        req.status = rsp.status
+        if req.op == blkif.BLKIF_OP_READ and req.raw is None and status == blkif.BLKIF_RSP_OKAY:
+            full, tail = divmod(req.nsect * SECTOR, PAGE_SIZE)
+            pages = [p.map for p in req.pages[:full]]
+            if tail:
+                pages.append(req.pages[full].map[:tail])
+            req.result = b"".join(pages)
+        req.status = status
         req.done.set()
 
     def _end_grants(self, req: _Req) -> None:
@@ -415,6 +481,10 @@ class BlkFront:
         be_path, be_id = await dev.wait_for_backend({XenbusState.InitWait})
         persistent = self.persistent_wanted and (
             await read_int(xs, f"{be_path}/feature-persistent", 0) == 1)
+        indirect = min(await read_int(xs, f"{be_path}/feature-max-indirect-segments", 0),
+                       MAX_INDIRECT_SEGMENTS)
+        if indirect > SEGS and not self._indirect:
+            self._indirect = await k.memory.alloc(RING_SLOTS)
         page = (await k.memory.alloc(1))[0]
         page.map[:] = bytes(PAGE_SIZE)
         ring = FrontRing.init(page.map, blkif.ENTRY_SIZE)
@@ -422,6 +492,7 @@ class BlkFront:
         port = await k.events.alloc_unbound(be_id)
         conn = _Conn(be_path, be_id, page, ring_ref, ring, port, persistent)
         conn.no = next(self._conns)
+        conn.max_segs = max(indirect, SEGS)
 
         try:
             if not await publish_and_wait_connected(dev, be_path, [
@@ -453,10 +524,11 @@ class BlkFront:
                 self.stats["replayed"] += len(replay)
             self._push(conn)
         self._conn = conn
+        self._max_segs = conn.max_segs
         self._connected.set()
-        log.info("%s: connected to %s (%d sectors, %s grants, %d requests replayed)",
-                 dev.nodename, be_path, self.sectors,
-                 "persistent" if persistent else "per-request", len(replay))
+        log.info("%s: connected to %s (%d sectors, %s grants, %d segments a request, "
+                 "%d requests replayed)", dev.nodename, be_path, self.sectors,
+                 "persistent" if persistent else "per-request", conn.max_segs, len(replay))
         return conn
 
     async def _responses(self, conn: _Conn) -> None:
@@ -517,7 +589,10 @@ class BlkFront:
             pass
         for req in conn.shadow.values():
             self._end_grants(req)
+        for req, _lo, _hi in conn.backlog:
+            self._end_grants(req)
         conn.shadow.clear()
+        conn.backlog.clear()
         for gref in conn.pgrants.values():
             if not self.k.grants.end_access_deferred(gref):
                 log.debug("grant %d still mapped by the backend; ending it later", gref)
