@@ -8,14 +8,16 @@ Inside each guest, through blkfront's API:
 
 * ``block.randread_4k_qd1`` / ``_qd32``, ``block.randwrite_4k_qd1`` / ``_qd32``
   (IOPS): 4 KiB requests at random aligned offsets in a 16 MiB region;
-* ``block.seqwrite_1m`` / ``block.seqread_1m`` (MB/s): 1 MiB requests over the
-  region (the write ends with a flush);
+* ``block.seqwrite_1m`` / ``block.seqread_1m`` (MiB/s): 1 MiB requests in
+  order over the region, one at a time, pass after pass for the run's
+  duration (each write pass ends with a flush); ``_qd4``: four in flight;
 
 once with persistent grants (the default) and once with per-request grant
 maps (``*_pergrant`` figures), so the two strategies are compared on the same
 machine in the same run.  Each is compared (ratio = slowdown factor) with the
 same operation done by ``pread``/``pwrite`` on *the same image file* from one
-process (threads for queue depth 32), measured right after in this process:
+process (a thread per request in flight for depths 4 and 32), measured
+right after in this process:
 the floor blkback could reach if the ring, the grants and the three processes
 cost nothing.
 
@@ -83,46 +85,71 @@ def _through_blkfront(ctx, secs: float) -> tuple[dict[str, dict], str]:
 
 
 def _raw_file(path: str, secs: float) -> dict[str, float]:
-    """pread/pwrite on the same image, one process (threads for depth 32)."""
+    """pread/pwrite on the same image, one process (a thread per request in flight)."""
     fd = os.open(path, os.O_RDWR)
     region = 16 << 20
     nblocks = region // 4096
     out: dict[str, float] = {}
+
+    def threads(depth: int, work) -> float:
+        """Operations a second, ``depth`` threads each running ``work(i)`` (which
+        returns how many it did)."""
+        count = [0] * depth
+        start = time.monotonic()
+        ts = [threading.Thread(target=lambda i=i: count.__setitem__(i, work(i)))
+              for i in range(depth)]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        return sum(count) / (time.monotonic() - start)
+
     try:
         chunk = bytes(1 << 20)
-        t = time.monotonic()
-        for off in range(0, region, 1 << 20):
-            os.pwrite(fd, chunk, off)
-        os.fdatasync(fd)
-        out["seqwrite_1m"] = 16 / (time.monotonic() - t)
-        t = time.monotonic()
-        for off in range(0, region, 1 << 20):
-            os.pread(fd, 1 << 20, off)
-        out["seqread_1m"] = 16 / (time.monotonic() - t)
+        nchunks = region >> 20
+        for write in (True, False):
+            for depth in (1, 4):
+                nxt = iter(range(1 << 30))      # shared: the threads take chunks in order
+                deadline = time.monotonic() + secs
+
+                def seq(_i: int, write=write, depth=depth) -> int:
+                    n = 0
+                    while True:
+                        i = next(nxt)
+                        if i >= nchunks and time.monotonic() >= deadline:
+                            break
+                        off = (i % nchunks) << 20
+                        if write:
+                            os.pwrite(fd, chunk, off)
+                            if i % nchunks == nchunks - 1:
+                                os.fdatasync(fd)
+                        else:
+                            os.pread(fd, 1 << 20, off)
+                        n += 1
+                    return n
+                rate = threads(depth, seq)
+                if write:
+                    os.fdatasync(fd)
+                name = f"seq{'write' if write else 'read'}_1m" + ("_qd4" if depth > 1 else "")
+                out[name] = rate
         import random
         page = bytes(range(256)) * 16
         for depth in (1, 32):
             for write in (False, True):
-                count = [0] * depth
                 deadline = time.monotonic() + secs
 
-                def worker(i: int) -> None:
+                def rand(i: int, write=write) -> int:
                     rng = random.Random(i)
+                    n = 0
                     while time.monotonic() < deadline:
                         off = rng.randrange(nblocks) * 4096
                         if write:
                             os.pwrite(fd, page, off)
                         else:
                             os.pread(fd, 4096, off)
-                        count[i] += 1
-                start = time.monotonic()
-                threads = [threading.Thread(target=worker, args=(i,)) for i in range(depth)]
-                for th in threads:
-                    th.start()
-                for th in threads:
-                    th.join()
-                out[f"rand{'write' if write else 'read'}_4k_qd{depth}"] = \
-                    sum(count) / (time.monotonic() - start)
+                        n += 1
+                    return n
+                out[f"rand{'write' if write else 'read'}_4k_qd{depth}"] = threads(depth, rand)
     finally:
         os.close(fd)
     return out
