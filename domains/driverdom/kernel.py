@@ -47,7 +47,6 @@ from domains.kernel import control, faultpoint
 from domains.kernel.boot import Kernel, boot
 from domains.kernel.console import Console
 from domains.kernel.xenbus import BackendWatcher
-from domains.kernel.xenstore import open_ring_client
 
 DEFAULT_HEARTBEAT = 0.5
 #: A device with work pending that serves nothing for this long is kicked, and
@@ -72,12 +71,10 @@ async def heartbeat(k: Kernel, xs, interval: float) -> None:
 
 
 async def main(k: Kernel) -> None:
-    page = k.memory.pages[k.start_info["store_gfn"]]
-    port = k.events.adopt(k.start_info["store_evtchn"])
     console = Console(k)
     await console.write(f"microxen driver domain kernel: {k.name} (domain {k.domid}) booting\n")
     interval = _number(k.cmdline.get("heartbeat"), DEFAULT_HEARTBEAT)
-    async with open_ring_client(page.map, port.notify, port.wait) as xs:
+    async with k.xenstore() as xs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(heartbeat, k, xs, max(interval, 0.05))
             nursery.start_soon(faultpoint.agent, k, xs)

@@ -8,7 +8,8 @@ the point of keeping the bits in memory.
 
 A `Port` is the handle a driver holds: `await port.notify()` rings the peer
 and waits for the hypervisor to confirm (errors are raised); `notify_nowait()`
-and `await port.kick()` ring it without waiting (the hot path of every ring);
+rings it without waiting (the hot path of every ring), and `await port.kick()`
+is the XenStore ring's doorbell (the same, outside the fault points);
 `await port.wait()` sleeps until the peer rang (at least once) since the last
 wait.
 """
@@ -61,12 +62,20 @@ class Port:
         self.events.hv.call_nowait("event_channel_op", "send", port=self.port)
 
     async def kick(self) -> None:
-        """notify_nowait as an awaitable, for code that takes an async notify (rings).
+        """The XenStore ring's doorbell: ring the peer without waiting, as an
+        awaitable (what :class:`~ipc.xs_ring.RingEndpoint` takes as ``notify``).
 
         A doorbell on real hardware does not wait for the hypervisor to say it
-        rang; waiting here would add a hypercall round trip to every ring kick.
+        rang; waiting would add a hypercall round trip to every XenStore
+        request and reply, and the ring's sender holds its lock meanwhile, so
+        a domain's requests would go one round trip at a time.  Unlike
+        :meth:`notify_nowait` it is outside the event-channel fault points
+        (``evtchn.send``, ``hypercall.nowait``): those model a *device's*
+        notifications going astray, which its driver survives by polling; a
+        XenStore ring has no poll, and a lost doorbell would stall a driver
+        domain's whole control plane (its heartbeat with it) instead.
         """
-        self.notify_nowait()
+        self.events.hv.call_nowait("event_channel_op", "send", faults=False, port=self.port)
 
     async def status(self) -> dict:
         return await self.events.hv.call("event_channel_op", "status", port=self.port)
