@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import logging
 from enum import IntEnum
+from functools import partial
 from typing import Awaitable, Callable, Iterable, TypeVar
 
 import trio
@@ -112,23 +113,28 @@ async def read_int(xs, path: str, default: int | None = None) -> int | None:
     return to_int(await read_node(xs, path), default)
 
 
-async def read_nodes(xs, paths: Iterable[str]) -> list[bytes | None]:
-    """Several :func:`read_node` at once, in one round trip's time.
+async def gather(calls: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Make several XenStore requests at once; their results, in order.
 
     XenStore answers a connection's requests in order, each tagged with its
     request id, so the client may have many in flight.  A handshake reads
     and writes a dozen keys; sent one after another they cost a dozen
     round trips, which is most of a driver's recovery time.
     """
-    paths = list(paths)
-    out: list[bytes | None] = [None] * len(paths)
+    calls = list(calls)
+    out: list = [None] * len(calls)
 
     async def one(i: int) -> None:
-        out[i] = await read_node(xs, paths[i])
+        out[i] = await calls[i]()
     async with trio.open_nursery() as nursery:
-        for i in range(len(paths)):
+        for i in range(len(calls)):
             nursery.start_soon(one, i)
     return out
+
+
+async def read_nodes(xs, paths: Iterable[str]) -> list[bytes | None]:
+    """Several :func:`read_node` at once, in one round trip's time (:func:`gather`)."""
+    return await gather(partial(read_node, xs, path) for path in paths)
 
 
 def to_int(raw: bytes | None, default: int | None = None) -> int | None:
@@ -144,9 +150,7 @@ def to_int(raw: bytes | None, default: int | None = None) -> int | None:
 async def write_nodes(xs, items: Iterable[tuple[str, object]]) -> None:
     """Write several nodes at once (see :func:`read_nodes`); all are written
     when this returns."""
-    async with trio.open_nursery() as nursery:
-        for path, value in items:
-            nursery.start_soon(xs.write, path, str(value).encode())
+    await gather(partial(xs.write, path, str(value).encode()) for path, value in items)
 
 
 async def switch_state(xs, dirpath: str, state: XenbusState) -> None:
@@ -159,19 +163,34 @@ async def wait_until(xs, paths: Iterable[str], check: Callable[[], Awaitable[obj
     """Return the first truthy value of ``await check()``, re-checking whenever a
     watched path changes (and every ``poll`` seconds regardless).
 
+    The watches are set (all at once) before the first check, so a change
+    that check cannot have seen fires one of them.  Each watch's first event
+    is the one xenstored sends when it is set, which xenstored queues at
+    once, before any change event: it tells nothing the first check does not,
+    and is not a reason to check again.
+
     Raises trio.TooSlowError after ``timeout`` seconds.
     """
     with trio.fail_after(timeout):
         wake = trio.Event()
         async with trio.open_nursery() as nursery:
             watches = []
-            for path in paths:
+
+            async def add(path: str) -> None:
                 watches.append(await xs.watch(path))
+            try:
+                await gather(partial(add, path) for path in paths)
+            except BaseException:
+                await _unwatch_all(watches)
+                raise
 
             async def pump(w) -> None:
                 nonlocal wake
+                initial = True
                 async for _ in w:
-                    wake.set()
+                    if not initial:
+                        wake.set()
+                    initial = False
             for w in watches:
                 nursery.start_soon(pump, w)
             try:
@@ -184,12 +203,18 @@ async def wait_until(xs, paths: Iterable[str], check: Callable[[], Awaitable[obj
                         await wake.wait()
             finally:
                 nursery.cancel_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    for w in watches:
-                        try:
-                            await w.unwatch()
-                        except Exception:
-                            pass
+                await _unwatch_all(watches)
+
+
+async def _unwatch_all(watches: list) -> None:
+    """Remove ``watches`` (all at once), even from a cancelled task."""
+    async def one(w) -> None:
+        try:
+            await w.unwatch()
+        except Exception:
+            pass
+    with trio.CancelScope(shield=True):
+        await gather(partial(one, w) for w in watches)
 
 
 class FrontendDevice:
@@ -232,13 +257,16 @@ class FrontendDevice:
                 watched = await self.backend_path()
 
                 async def check(watched=watched):
-                    be = await self.backend_path()
+                    raw = await read_nodes(self.xs, [f"{self.nodename}/backend",
+                                                     f"{self.nodename}/backend-id"]
+                                           + ([f"{watched}/state"] if watched else []))
+                    be = raw[0].decode(errors="replace") if raw[0] else None
                     if be != watched:
                         return _MOVED            # re-arm the watches on the new backend
-                    beid = await self.backend_id()
+                    beid = to_int(raw[1])
                     if not be or be == avoid or beid is None or not names_domain(be, beid):
                         return None
-                    if await read_state(self.xs, be) in states:
+                    if parse_state(raw[2]) in states:
                         return be, beid
                     return None
                 paths = [f"{self.nodename}/backend"]
@@ -249,14 +277,20 @@ class FrontendDevice:
                     return found
 
 
+    async def _backend_and_state(self, be_path: str) -> tuple[str | None, XenbusState]:
+        """What ``backend`` names now, and the state of the backend at ``be_path``
+        (read at once)."""
+        raw = await read_nodes(self.xs, [f"{self.nodename}/backend", f"{be_path}/state"])
+        return (raw[0].decode(errors="replace") if raw[0] else None), parse_state(raw[1])
+
     async def wait_for_backend_gone(self, be_path: str) -> str:
         """Wait until the backend we are connected to at ``be_path`` is gone:
         ``backend`` names another one, or its state left Connected (a vanished
         directory reads as Unknown).  Return why, for the log."""
         async def gone():
-            if await self.backend_path() != be_path:
+            be, st = await self._backend_and_state(be_path)
+            if be != be_path:
                 return "backend moved"
-            st = await read_state(self.xs, be_path)
             if st != XenbusState.Connected:
                 return f"backend state {st.name}"
             return None
@@ -300,9 +334,9 @@ async def publish_and_wait_connected(dev: FrontendDevice, be_path: str,
         # rebind conflict with it, so the check holds at commit.
         if not await still_waiting(t, fe_path, be_path):
             return False
-        for key, value in nodes:
-            await t.write(f"{fe_path}/{key}", value)
-        await t.write(f"{fe_path}/state", str(int(XenbusState.Initialised)))
+        # All at once: the transaction commits them together anyway.
+        await write_nodes(t, [(f"{fe_path}/{key}", value) for key, value in nodes]
+                          + [(f"{fe_path}/state", int(XenbusState.Initialised))])
         return True
     if not await xs.run_transaction(publish):
         logger.info("%s: backend %s stopped waiting before we published; starting over",
@@ -310,9 +344,9 @@ async def publish_and_wait_connected(dev: FrontendDevice, be_path: str,
         return False
 
     async def backend_answered():
-        if await dev.backend_path() != be_path:
+        be, st = await dev._backend_and_state(be_path)
+        if be != be_path:
             return "moved"
-        st = await read_state(xs, be_path)
         if st == XenbusState.Connected:
             return "connected"
         if st in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
@@ -440,12 +474,10 @@ PEER_CHECK_TIMEOUT = 1.0
 
 async def still_waiting(t, fe_path: str, be_path: str) -> bool:
     """In transaction ``t``: does ``backend`` still name ``be_path``, in InitWait?"""
-    try:
-        be = (await t.read(f"{fe_path}/backend")).decode(errors="replace")
-        state = parse_state(await t.read(f"{be_path}/state"))
-    except OSError:
-        return False                     # a node is gone: the backend with it
-    return be == be_path and state == XenbusState.InitWait
+    be, state = await read_nodes(t, [f"{fe_path}/backend", f"{be_path}/state"])
+    # A node that is gone (None) means the backend went with it.
+    return be is not None and be.decode(errors="replace") == be_path \
+        and parse_state(state) == XenbusState.InitWait
 
 
 async def peer_gone(port, what: str) -> bool:
@@ -541,7 +573,11 @@ class BackendWatcher:
     offline (``online = 0``, as libxl does before removing one) the task is
     cancelled too - which lets go of the ring and every grant - and only
     then is ``state`` set to Closed: the toolstack's sign that no request
-    of the old ring will be served any more.
+    of the old ring will be served any more.  It looks again (a *scan*:
+    every device directory's ``frontend`` and ``online``) when a watch event
+    could change what it finds (:meth:`changes_scan`), once for all the
+    events queued by then, and every :data:`POLL_INTERVAL` regardless; the
+    devices' own writes below the root (states, features) cost no scan.
 
     Supervision (MINIX 3's reincarnation server, per device):
 
@@ -595,7 +631,32 @@ class BackendWatcher:
                 while True:
                     await self._scan(nursery)
                     with trio.move_on_after(POLL_INTERVAL):
-                        await watch.__anext__()
+                        await self._next_change(watch)
+
+    #: The keys of a device directory that a scan reads.
+    SCANNED_KEYS = frozenset({"frontend", "online"})
+
+    def changes_scan(self, path: str) -> bool:
+        """Could a change at ``path`` (a watch event) change what a scan finds?
+
+        The watch on the root fires for every write below it, and most are
+        the devices' own: their ``state``, the features a backend publishes,
+        a toolstack writing a dozen keys per device.  A scan depends only on
+        which ``<frontend>/<devid>`` directories exist and on their
+        ``frontend`` and ``online`` keys.
+        """
+        if not path.startswith(self.root + "/"):
+            return path == self.root or self.root.startswith(path + "/")   # the root itself, or an ancestor removed
+        parts = path[len(self.root) + 1:].split("/")
+        return len(parts) <= 2 or (len(parts) == 3 and parts[2] in self.SCANNED_KEYS)
+
+    async def _next_change(self, watch) -> None:
+        """Wait for a watch event that :meth:`changes_scan`, then take every event
+        already queued too: one scan answers them all (a toolstack re-creating
+        a driver domain's devices fires a hundred at once)."""
+        while not self.changes_scan((await watch.__anext__()).path):
+            pass
+        watch.take_queued()
 
     async def _list(self, path: str) -> list[str]:
         try:
@@ -605,8 +666,10 @@ class BackendWatcher:
 
     async def _scan(self, nursery: trio.Nursery) -> None:
         present = set()
-        paths = [f"{self.root}/{fe}/{devid}" for fe in await self._list(self.root)
-                 for devid in await self._list(f"{self.root}/{fe}")]
+        frontends = await self._list(self.root)
+        devids = await gather(partial(self._list, f"{self.root}/{fe}") for fe in frontends)
+        paths = [f"{self.root}/{fe}/{devid}" for fe, ids in zip(frontends, devids)
+                 for devid in ids]
         # Every device's two keys at once: a driver domain that has just been
         # re-created finds all its devices here, and each one waits for this.
         raw = await read_nodes(self.xs, [f"{p}/{k}" for p in paths for k in ("frontend", "online")])

@@ -86,6 +86,15 @@ class ClientWatch:
         with trio.fail_after(timeout):
             return await self.__anext__()
 
+    def take_queued(self) -> list[WatchEvent]:
+        """Every event that has already arrived, without waiting (maybe none)."""
+        out = []
+        while True:
+            try:
+                out.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return out
+
     async def unwatch(self) -> None:
         await self.client.unwatch(self.path, self.token)
 
