@@ -15,8 +15,10 @@ What they do
       ping answered.  An attempt that times out (``ping_timeout``) is retried
       with the next sequence number and counted in ``ping_timeouts``, not as
       an error: while the driver domain restarts, pings are delayed, not
-      failed.  A ping still unanswered after ``give_up`` seconds of retrying
-      is an *error*.
+      failed.  No ping is sent while the vif has no backend (it would only
+      wait in netfront); one in flight when the vif reconnects is sent again
+      at once.  A ping still unanswered after ``give_up`` seconds of
+      retrying is an *error*.
     * ``net``: ``ping`` plus a UDP stream.  Every ``udp_interval`` seconds a
       datagram goes to the peer's ``udp_port``; it carries a magic, the
       sender's domid, a sequence number and a body derived from them.  The
@@ -36,7 +38,8 @@ What they do
     ``udp_dup``, ``udp_reordered``, ``reconnects``, ``at`` (wall clock of the
     snapshot, so rates between two snapshots are exact), and ``recovered_at``
     (wall clock of the first answered ping after the latest reconnect of the
-    vif, for the recovery-time benchmark).
+    vif, for the recovery-time benchmark).  Each snapshot writes the counters
+    that changed since the last one, all at once, then ``at``.
 
 Configuration
     The guest's xl.cfg ``workload`` string carries the arguments as
@@ -61,6 +64,7 @@ import trio
 
 from domains.domu.netif_frontend import open_vif
 from domains.kernel import faultpoint
+from domains.kernel.xenbus import write_nodes
 from domains.domu.netstack import NetStack
 
 _HEAD = struct.Struct("<8sIQ")       # magic, sender domid, sequence number
@@ -69,11 +73,6 @@ MAGIC = b"mxudp001"
 WINDOW = 8192
 #: Round-trip times kept for the published percentiles (rtt_p50_us, rtt_p99_us).
 RTT_WINDOW = 1000
-
-
-
-#: How often a ping in flight checks whether the vif has reconnected.
-RECONNECT_POLL = 0.005
 
 
 class _Reconnected(Exception):
@@ -149,13 +148,17 @@ async def run(k, xs, console, udp: bool = True, prefix: str = "") -> None:
     checker = SequenceChecker()
     rtts: deque[int] = deque(maxlen=RTT_WINDOW)
 
+    published: dict[str, str] = {}
+
     async def publish() -> None:
         if rtts:
             ordered = sorted(rtts)
             counters["rtt_p50_us"] = ordered[len(ordered) // 2]
             counters["rtt_p99_us"] = ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)]
-        for key, value in counters.items():
-            await xs.write(f"{base}/{prefix}{key}", str(value).encode())
+        changed = {key: str(value) for key, value in counters.items()
+                   if published.get(key) != str(value)}
+        await write_nodes(xs, ((f"{base}/{prefix}{key}", value) for key, value in changed.items()))
+        published.update(changed)
         # When these values were true: rates are exact between two snapshots.
         await xs.write(f"{base}/{prefix}at", repr(time.time()).encode())
 
@@ -178,7 +181,7 @@ async def run(k, xs, console, udp: bool = True, prefix: str = "") -> None:
             """One ping; but if the vif reconnects meanwhile, give up on it at
             once.  A ping lost with a crashed driver domain is never answered,
             and waiting out its timeout would hide how soon the new one served."""
-            r0 = vif.stats["reconnects"]
+            c0 = vif.stats["connects"]
             rtt: float | None = None
             failed: OSError | None = None       # TimeoutError is one
             async with trio.open_nursery() as nursery:
@@ -191,8 +194,7 @@ async def run(k, xs, console, udp: bool = True, prefix: str = "") -> None:
                     nursery.cancel_scope.cancel()
 
                 async def reconnect() -> None:
-                    while vif.stats["reconnects"] == r0 or not vif.connected:
-                        await trio.sleep(RECONNECT_POLL)
+                    await vif.wait_reconnected(c0)
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(attempt)
                 nursery.start_soon(reconnect)
@@ -209,6 +211,11 @@ async def run(k, xs, console, udp: bool = True, prefix: str = "") -> None:
                 started = time.monotonic()
                 while True:
                     seq += 1
+                    if not vif.connected:
+                        # A ping sent now would only wait in netfront for the
+                        # next backend: send it when the vif is back.
+                        with trio.move_on_after(max(0.0, started + give_up - time.monotonic())):
+                            await vif.wait_connected()
                     try:
                         rtt = await ping_or_reconnect(seq)
                     except _Reconnected:

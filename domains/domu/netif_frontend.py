@@ -90,6 +90,7 @@ class NetifFrontend:
         self.backend_path: str | None = None
         self.stats = {"reconnects": 0, "connects": 0}
         self._connected = trio.Event()
+        self._next_connect = trio.Event()     # set (and replaced) at every connection
         self._first = trio.Event()
 
     # -- public ---------------------------------------------------------------------
@@ -110,6 +111,13 @@ class NetifFrontend:
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
+
+    async def wait_reconnected(self, connects: int) -> None:
+        """Wait until the vif has connected again since ``stats["connects"]`` was
+        ``connects``, and is connected now.  The connection itself wakes the
+        waiter: nothing polls."""
+        while self.stats["connects"] <= connects or not self.connected:
+            await self._next_connect.wait()
 
     # -- the connection loop ---------------------------------------------------------
     async def _run(self, nursery: trio.Nursery) -> None:
@@ -153,12 +161,22 @@ class NetifFrontend:
             with trio.CancelScope(shield=True):
                 await self._disconnect(port)
             raise
-        self.stats["connects"] += 1
-        self._connected.set()
-        self._first.set()
+        self._mark_connected()
         log.info("%s: connected to %s (mac %s, ip %s/%d)", dev.nodename, be_path, self.mac,
                  self.ip, self.prefix_len)
         return port
+
+    def _mark_connected(self) -> None:
+        """The vif is up on a new connection: wake whoever waits for one."""
+        self.stats["connects"] += 1
+        self._connected.set()
+        woken, self._next_connect = self._next_connect, trio.Event()
+        woken.set()
+        self._first.set()
+
+    def _mark_disconnected(self) -> None:
+        if self._connected.is_set():
+            self._connected = trio.Event()
 
     async def _read_address(self, be_path: str) -> None:
         raw = (await read_node(self.xs, f"{be_path}/ip") or b"").decode(errors="replace")
@@ -201,8 +219,7 @@ class NetifFrontend:
 
     async def _disconnect(self, port) -> None:
         """Give back the old rings and channel; the Netfront keeps in-flight packets."""
-        if self._connected.is_set():
-            self._connected = trio.Event()
+        self._mark_disconnected()
         if self.nf is not None:
             try:
                 await self.nf.disconnect()
