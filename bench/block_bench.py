@@ -35,6 +35,7 @@ cores, so only the ratios mean much.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import threading
@@ -52,21 +53,25 @@ def _system(configs: dict[str, str]):
     return System(configs, watchdog_timeout=3.0)
 
 
-def _bench_guest(name: str, persistent: bool) -> str:
+def _bench_guest(name: str, persistent: bool, direct: bool = False) -> str:
     return (f'name = "{name}"\nkernel = "bench.kernels.blk"\nmemory = 64\n'
             f'extra = "persistent={1 if persistent else 0}"\n'
             f'disk = ["format=raw, vdev=xvda, access=rw, backend=blkdom, '
-            f'target=disks/{name}.img?size=32M"]\n')
+            f'{"direct-io-safe, " if direct else ""}target=disks/{name}.img?size=32M"]\n')
+
+
+#: The bench guests: (name, persistent grants, O_DIRECT backend).
+GUESTS = (("bpers", True, False), ("bgrant", False, False), ("bdirect", True, True))
 
 
 def _through_blkfront(ctx, secs: float) -> tuple[dict[str, dict], str]:
     from tests.blocksys import BLKDOM
-    s = _system({"blkdom": BLKDOM, "bpers": _bench_guest("bpers", True),
-                 "bgrant": _bench_guest("bgrant", False)})
+    s = _system({"blkdom": BLKDOM, **{name: _bench_guest(name, pers, direct)
+                                       for name, pers, direct in GUESTS}})
     results: dict[str, dict] = {}
     try:
         s.up()
-        for name in ("bpers", "bgrant"):     # one at a time, so they do not compete
+        for name, _p, _d in GUESTS:          # one at a time, so they do not compete
             domid = s.list()[name]["domid"]
             base = f"/local/domain/{domid}/data/bench"
             s.wait_for(lambda: s.read(f"{base}/ready") == "1", timeout=60, what=f"{name} ready")
@@ -75,18 +80,39 @@ def _through_blkfront(ctx, secs: float) -> tuple[dict[str, dict], str]:
             raw = s.wait_for(lambda: s.read(f"{base}/result"), timeout=60 + 10 * secs,
                              what=f"{name}'s results")
             results[name] = json.loads(raw)
-        image = os.path.join(s.run_dir, "disks", "bpers.img")
+        disks = os.path.join(s.run_dir, "disks")
         s.down()
-        return results, image
+        return results, disks
     except BaseException:
         s.down(check=False)
         s.cleanup()
         raise
 
 
-def _raw_file(path: str, secs: float) -> dict[str, float]:
-    """pread/pwrite on the same image, one process (a thread per request in flight)."""
-    fd = os.open(path, os.O_RDWR)
+def _raw_file(path: str, secs: float, direct: bool = False) -> dict[str, float]:
+    """pread/pwrite on the same image, one process (a thread per request in
+    flight); with ``direct``, O_DIRECT preadv/pwritev from page-aligned buffers."""
+    fd = os.open(path, os.O_RDWR | (os.O_DIRECT if direct else 0))
+    local = threading.local()
+
+    def pread(n: int, off: int) -> None:
+        if not direct:
+            os.pread(fd, n, off)
+            return
+        buf = local.__dict__.get(n)
+        if buf is None:
+            buf = local.__dict__[n] = mmap.mmap(-1, n)
+        os.preadv(fd, [buf], off)
+
+    def pwrite(data: bytes, off: int) -> None:
+        if not direct:
+            os.pwrite(fd, data, off)
+            return
+        buf = local.__dict__.get(("w", len(data)))
+        if buf is None:
+            buf = local.__dict__[("w", len(data))] = mmap.mmap(-1, len(data))
+            buf[:] = data
+        os.pwritev(fd, [buf], off)
     region = 16 << 20
     nblocks = region // 4096
     out: dict[str, float] = {}
@@ -120,11 +146,11 @@ def _raw_file(path: str, secs: float) -> dict[str, float]:
                             break
                         off = (i % nchunks) << 20
                         if write:
-                            os.pwrite(fd, chunk, off)
+                            pwrite(chunk, off)
                             if i % nchunks == nchunks - 1:
                                 os.fdatasync(fd)
                         else:
-                            os.pread(fd, 1 << 20, off)
+                            pread(1 << 20, off)
                         n += 1
                     return n
                 rate = threads(depth, seq)
@@ -144,9 +170,9 @@ def _raw_file(path: str, secs: float) -> dict[str, float]:
                     while time.monotonic() < deadline:
                         off = rng.randrange(nblocks) * 4096
                         if write:
-                            os.pwrite(fd, page, off)
+                            pwrite(page, off)
                         else:
-                            os.pread(fd, 4096, off)
+                            pread(4096, off)
                         n += 1
                     return n
                 out[f"rand{'write' if write else 'read'}_4k_qd{depth}"] = threads(depth, rand)
@@ -195,20 +221,27 @@ def _recovery(ctx, rounds: int) -> tuple[list[float], list[float]]:
 def run(ctx) -> list[Figure]:
     secs = max(0.5, 2.0 * ctx.scale)
     figures: list[Figure] = []
-    results, image = _through_blkfront(ctx, secs)
+    results, disks = _through_blkfront(ctx, secs)
     try:
-        raw = _raw_file(image, secs)
+        raw = _raw_file(os.path.join(disks, "bpers.img"), secs)
+        raw_direct = _raw_file(os.path.join(disks, "bdirect.img"), secs, direct=True)
     finally:
         import shutil
-        shutil.rmtree(os.path.dirname(os.path.dirname(image)), ignore_errors=True)
+        shutil.rmtree(os.path.dirname(disks), ignore_errors=True)
     for key, value in raw.items():
-        unit = "MB/s" if key.startswith("seq") else "iops"
+        unit = "MiB/s" if key.startswith("seq") else "iops"
         base = Figure(f"block.raw_{key}", value, unit, better="higher",
                       detail={"what": "pread/pwrite on the same image file, one process"})
-        figures.append(base)
-        for guest, suffix in (("bpers", ""), ("bgrant", "_pergrant")):
-            figures.append(compare(f"block.{key}{suffix}", results[guest][key], unit, base, True,
-                                   detail={"grants": "persistent" if suffix == "" else "per-request"}))
+        base_direct = Figure(f"block.raw_direct_{key}", raw_direct[key], unit, better="higher",
+                             detail={"what": "O_DIRECT preadv/pwritev on the same image file, "
+                                             "one process"})
+        figures += [base, base_direct]
+        for guest, suffix, against in (("bpers", "", base), ("bgrant", "_pergrant", base),
+                                       ("bdirect", "_direct", base_direct)):
+            figures.append(compare(f"block.{key}{suffix}", results[guest][key], unit, against,
+                                   True, detail={
+                                       "grants": "per-request" if guest == "bgrant" else "persistent",
+                                       "backend": "O_DIRECT" if guest == "bdirect" else "page cache"}))
     per_guest, all_guests = _recovery(ctx, max(3, int(5 * ctx.scale)))
     figures += latency_figures("block.recovery", per_guest, unit="ms",
                                detail={"what": "SIGKILL of blkdom to first completed I/O, per guest"})

@@ -66,7 +66,7 @@ def test_guests_write_read_verify_and_flush(system: System) -> None:
 
 def test_block_attach_list_detach(system: System) -> None:
     system.xl("block-attach", "guest1", "format=raw, vdev=xvdb, access=ro, backend=blkdom, "
-                                        "target=disks/extra.img?size=1M")
+                                        "direct-io-safe, target=disks/extra.img?size=1M")
     names = [line.split()[0] for line in system.xl("block-list", "guest1").splitlines()[1:]]
     assert names == ["51712", "51728"]
     bd = system.list()["blkdom"]["domid"]
@@ -74,6 +74,11 @@ def test_block_attach_list_detach(system: System) -> None:
     system.wait_for(lambda: system.read(f"/local/domain/{bd}/backend/vbd/{g1}/51728/state") == "2",
                     what="the new backend to reach InitWait")
     assert system.read(f"/local/domain/{bd}/backend/vbd/{g1}/51728/info") == "4"   # read-only
+    # direct-io-safe reaches the backend, as libxl writes it, and blkback opens O_DIRECT.
+    assert system.read(f"/local/domain/{bd}/backend/vbd/{g1}/51728/direct-io-safe") == "1"
+    assert system.read(f"/local/domain/{bd}/backend/vbd/{g1}/51712/direct-io-safe") is None
+    with open(os.path.join(system.run_dir, "logs", "blkdom.log")) as f:
+        assert "extra.img (2048 sectors, ro, O_DIRECT)" in f.read()
     system.xl("block-detach", "guest1", "xvdb")
     names = [line.split()[0] for line in system.xl("block-list", "guest1").splitlines()[1:]]
     assert names == ["51712"]

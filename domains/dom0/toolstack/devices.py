@@ -245,6 +245,7 @@ class Devices:
              ("type", "phy"), ("device-type", spec.devtype),
              ("dev", spec.vdev), ("removable", 0), ("bootable", 1),
              ("online", 1), ("discard-enable", int(spec.discard)),
+             *((("direct-io-safe", 1),) if spec.direct_io_safe else ()),
              ("state", 1)),
             (("virtual-device", vbd.devid), ("device-type", spec.devtype), ("state", 1)))
 
