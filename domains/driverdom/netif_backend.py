@@ -79,6 +79,54 @@ class Bridges:
         return bridge
 
 
+class StagingReserve:
+    """A vif's staging pages, allocated when it is probed rather than when it connects.
+
+    :class:`~domains.driverdom.netback.Netback` copies every packet through
+    staging pages of its own (``2 * STAGING_PAGES``), which it asks its
+    memory for when it connects and gives back when it closes.  Asked of the
+    hypervisor at connect time, they are a populate_physmap of 64 frames on
+    the critical path of every (re)connection, and when a driver domain is
+    re-created, eight vifs ask at once.  This stands in for that memory: it
+    fills itself in the background from the moment the vif is probed (while
+    the frontend does its half of the handshake), hands the same pages to
+    each connection of the vif, and gives them back to the hypervisor only
+    when the vif's backend ends (:meth:`release`).  A request it cannot
+    serve from what it holds goes to the domain's memory as before.
+    """
+
+    def __init__(self, memory, nr: int) -> None:
+        self.memory = memory
+        self.nr = nr
+        self.pages: list = []
+        self.filled = trio.Event()
+
+    async def fill(self) -> None:
+        try:
+            self.pages = await self.memory.alloc(self.nr)
+        except Exception as exc:           # e.g. out of memory: connect asks again itself
+            log.warning("cannot reserve %d staging pages: %s", self.nr, exc)
+        finally:
+            self.filled.set()
+
+    async def alloc(self, nr: int) -> list:
+        await self.filled.wait()
+        if nr > len(self.pages):
+            return await self.memory.alloc(nr)
+        taken, self.pages = self.pages[:nr], self.pages[nr:]
+        return taken
+
+    async def free(self, pages: list) -> None:
+        self.pages.extend(pages)
+
+    async def release(self) -> None:
+        """Give every page held back to the hypervisor."""
+        await self.filled.wait()
+        pages, self.pages = self.pages, []
+        if pages:
+            await self.memory.free(pages)
+
+
 class VifRefused(Exception):
     """This vif cannot be served; the message says why (it goes to ``error``)."""
 
@@ -98,6 +146,7 @@ class NetifBackend:
         self.bridges = bridges
         self.path = path
         self.netback: Netback | None = None
+        self.staging = StagingReserve(k.memory, 2 * Netback.STAGING_PAGES)
 
     async def run(self) -> None:
         xs, path = self.xs, self.path
@@ -116,9 +165,16 @@ class NetifBackend:
             ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
             ("feature-gso-tcpv4", 0), ("feature-multicast-control", 0))))
         log.info("%s: %s for d%d on bridge %s", path, name, fe_id, bridge_name)
-        await backend_handshake(xs, path, fe_path,
-                                lambda: self._connect_and_serve(fe_path, fe_id, name, bridge_name),
-                                VifRefused, log)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.staging.fill)
+                await backend_handshake(
+                    xs, path, fe_path,
+                    lambda: self._connect_and_serve(fe_path, fe_id, name, bridge_name),
+                    VifRefused, log)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.staging.release()
 
     async def _fail(self, why: str) -> None:
         await backend_fail(self.xs, self.path, why, log)
@@ -146,7 +202,7 @@ class NetifBackend:
         attached = False
         try:
             try:
-                nb = await Netback.connect(k.grants, k.memory, fe_id, tx_ref, rx_ref, port,
+                nb = await Netback.connect(k.grants, self.staging, fe_id, tx_ref, rx_ref, port,
                                            name=name)
             except GrantError as exc:
                 raise VifRefused(f"cannot map tx-ring-ref {tx_ref}/rx-ring-ref {rx_ref} "
@@ -213,4 +269,4 @@ async def serve(k: "Kernel", xs, bridges: Bridges, path: str) -> None:
     await NetifBackend(k, xs, bridges, path).run()
 
 
-__all__ = ["Bridges", "NetifBackend", "serve", "DEFAULT_BRIDGE"]
+__all__ = ["Bridges", "NetifBackend", "StagingReserve", "serve", "DEFAULT_BRIDGE"]
