@@ -114,7 +114,7 @@ async def read_int(xs, path: str, default: int | None = None) -> int | None:
 
 
 async def gather(calls: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
-    """Make several XenStore requests at once; their results, in order.
+    """Make several requests (XenStore's, or hypercalls) at once; their results, in order.
 
     XenStore answers a connection's requests in order, each tagged with its
     request id, so the client may have many in flight.  A handshake reads

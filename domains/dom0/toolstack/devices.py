@@ -163,13 +163,23 @@ class Devices:
                 spec = self._parse(spec)
             await self.attach(domid, spec)
         await self.net.build(domid, cfg)
-        if getattr(cfg, "driver_domain", False):
-            if cfg.name in self.driver_domains_seen:
-                from domains.dom0.watchdog import bump
-                await bump(self.xs, cfg.name, "restarts")
-            self.driver_domains_seen.add(cfg.name)
-            await self.rebind(cfg.name, domid)
-            await self.net.rebind(cfg.name, domid)
+
+    async def rebind_served(self, domid: int, cfg) -> None:
+        """A driver domain (re)built: point every device it serves at ``domid``.
+
+        The Toolstack calls this once the domain runs.  The new backend
+        cannot see a device before its directory is written, and that
+        directory and the frontend's reset are one transaction, so booting
+        meanwhile is safe; its BackendWatcher finds the devices by its watch.
+        """
+        if not getattr(cfg, "driver_domain", False):
+            return
+        if cfg.name in self.driver_domains_seen:
+            from domains.dom0.watchdog import bump
+            await bump(self.xs, cfg.name, "restarts")
+        self.driver_domains_seen.add(cfg.name)
+        await self.rebind(cfg.name, domid)
+        await self.net.rebind(cfg.name, domid)
 
     async def destroy(self, domid: int) -> None:
         """Remove the domain's own disks; orphan those it served (kept for rebind)."""
@@ -404,8 +414,9 @@ async def read_for_list(xs, path: str) -> str:
 async def _forget_stale_handshake(t, fe: str) -> None:
     """A frontend left in Initialised offered its ring to the *old* backend.
 
-    The new backend is not running yet (it starts after this rebind), so an
-    Initialised it would find is stale by definition: its ``ring-ref`` and
+    The new backend cannot have seen this device yet (its directory is
+    written in this same transaction), so an Initialised it would find is
+    stale by definition: its ``ring-ref`` and
     ``event-channel`` were granted to a domain that is gone, and connecting to
     them fails.  Put the frontend back to Initialising in the same
     transaction; the frontend, which sees ``backend`` change, starts over

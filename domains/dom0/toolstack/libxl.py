@@ -17,7 +17,9 @@ Building a domain is the sequence Xen's libxl + libxc follow, as hypercalls:
 6. write the domain's XenStore entries and introduce it to xenstored (which
    maps the ring and binds the port), start its console in xenconsoled;
 7. write the backend and frontend entries of its devices;
-8. unpause.
+8. unpause; a driver domain re-created after a crash then gets the devices
+   it served pointed at it (their backend directories written under its new
+   domid), which it finds through its watch as it boots.
 
 If any step fails, everything made so far is undone: destroy leaves nothing.
 """
@@ -28,6 +30,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ipc.channel import HypercallError
@@ -35,6 +38,7 @@ from ipc.grant_abi import GNTTAB_RESERVED_CONSOLE, GNTTAB_RESERVED_XENSTORE
 from ipc.sched_abi import REASON_NAMES, SHUTDOWN_crash, SHUTDOWN_poweroff, SHUTDOWN_reboot
 
 from domains.dom0.xenstored.domain import remove_domain_entries
+from domains.kernel.xenbus import gather
 
 if TYPE_CHECKING:
     from domains.kernel.boot import Kernel
@@ -156,15 +160,20 @@ class Toolstack:
         return domid
 
     async def _build(self, domid: int, cfg) -> None:
+        """Steps 2-8 of the module docstring.  Steps that do not depend on each
+        other are made at once (hypercalls are pipelined like XenStore
+        requests): a driver domain is rebuilt while its guests wait."""
         hv = self.hv
         store_gfn, console_gfn = (await hv.call("memory_op", "populate_physmap",
                                                 domid=domid, nr_extents=2))["gfns"]
-        store_port = (await hv.call("event_channel_op", "alloc_unbound", dom=domid, remote_dom=0))["port"]
-        console_port = (await hv.call("event_channel_op", "alloc_unbound", dom=domid, remote_dom=0))["port"]
-        await hv.call("grant_table_op", "seed", domid=domid, ref=GNTTAB_RESERVED_XENSTORE,
-                      remote_dom=0, gfn=store_gfn)
-        await hv.call("grant_table_op", "seed", domid=domid, ref=GNTTAB_RESERVED_CONSOLE,
-                      remote_dom=0, gfn=console_gfn)
+        ports = await gather([
+            partial(hv.call, "event_channel_op", "alloc_unbound", dom=domid, remote_dom=0),
+            partial(hv.call, "event_channel_op", "alloc_unbound", dom=domid, remote_dom=0),
+            partial(hv.call, "grant_table_op", "seed", domid=domid, ref=GNTTAB_RESERVED_XENSTORE,
+                    remote_dom=0, gfn=store_gfn),
+            partial(hv.call, "grant_table_op", "seed", domid=domid, ref=GNTTAB_RESERVED_CONSOLE,
+                    remote_dom=0, gfn=console_gfn)])
+        store_port, console_port = ports[0]["port"], ports[1]["port"]
         await hv.call("domctl", "set_start_info", domid=domid, info={
             "store_gfn": store_gfn, "store_evtchn": store_port,
             "console_gfn": console_gfn, "console_evtchn": console_port,
@@ -172,9 +181,14 @@ class Toolstack:
         })
         record = DomainRecord(domid, cfg)
         self.records[domid] = record
-        await self._write_entries(domid, cfg)
-        await self.rings.introduce(domid, store_port)
-        record.console = await self.consoled.attach(domid, cfg.name, console_port)
+
+        async def store() -> None:
+            await self._write_entries(domid, cfg)
+            await self.rings.introduce(domid, store_port)
+
+        async def console() -> None:
+            record.console = await self.consoled.attach(domid, cfg.name, console_port)
+        await gather([store, console])
         if self.devices is not None:
             await self.devices.build(domid, cfg)
         if cfg.cpus is not None:
@@ -184,6 +198,10 @@ class Toolstack:
         if cfg.vcpus < cfg.maxvcpus:
             await hv.call("domctl", "max_vcpus", domid=domid, online=cfg.vcpus)
         await hv.call("domctl", "unpausedomain", domid=domid)
+        if self.devices is not None:
+            # After the unpause: a re-created driver domain boots while its
+            # guests' devices are pointed at it, and finds them by its watch.
+            await self.devices.rebind_served(domid, cfg)
 
     async def _write_entries(self, domid: int, cfg) -> None:
         from domains.dom0.xenstored.domain import write_domain_entries
