@@ -546,23 +546,35 @@ class BlkFront:
 
     async def _take_responses(self, conn: _Conn) -> None:
         ring, port = conn.ring, conn.port
-        while True:
-            got = ring.responses()
-            for raw in got:
-                self._complete(conn, blkif.BlkifResponse.unpack(raw))
-            if got or ring.final_check_for_responses():
-                continue
-            woke = False
-            with trio.move_on_after(STALL_CHECK):
-                await port.wait()
-                woke = True
-            if (woke or conn.shadow) and ring.unconsumed_responses() == 0:
-                # A wake with nothing to read is what the hypervisor does when
-                # the peer's end dies: ask whether it is still bound.
+        checking = False
+
+        async def check_peer() -> None:
+            nonlocal checking
+            try:
                 if await peer_gone(port, self.dev.nodename):
                     log.info("%s: backend's event channel is gone", self.dev.nodename)
                     conn.lost.set()
-                    return
+            finally:
+                checking = False
+        async with trio.open_nursery() as nursery:
+            while True:
+                got = ring.responses()
+                for raw in got:
+                    self._complete(conn, blkif.BlkifResponse.unpack(raw))
+                if got or ring.final_check_for_responses():
+                    continue
+                woke = False
+                with trio.move_on_after(STALL_CHECK):
+                    await port.wait()
+                    woke = True
+                if (woke or conn.shadow) and ring.unconsumed_responses() == 0 and not checking:
+                    # A wake with nothing to read is what the hypervisor does
+                    # when the peer's end dies, but also what an event sent for
+                    # responses already taken looks like (common when a backend
+                    # answers requests one by one): ask whether it is still
+                    # bound, beside the ring rather than in front of it.
+                    checking = True
+                    nursery.start_soon(check_peer)
 
     async def _watch_backend(self, conn: _Conn) -> None:
         dev = self.dev
