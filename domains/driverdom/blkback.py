@@ -59,17 +59,18 @@ The data path
     ``direct-io-safe`` flag, which gives QEMU's qdisk the same permission):
     then it is opened with O_DIRECT and every transfer goes to the device
     itself, as Linux's blkback submits bios to the disk and caches nothing.
+    In that mode reads and writes are queued on the device with Linux AIO
+    (domains/driverdom/aio.py) and answered as they complete, so up to a
+    ring's worth are in flight; flushes, barriers and discards wait until
+    every request taken before them is done.
 
 Where this differs from Xen
-    Requests are served one after another, in ring order (Linux queues many
-    to the block layer).  With the image in the page cache each preadv or
-    pwritev costs a few microseconds, less than handing it to a thread would.
-    With O_DIRECT each waits for the device (tens of microseconds for 4 KiB),
-    and still the loop waits for it inline: handing requests to worker
-    threads, singly or in batches, was measured slower at every queue depth
-    on two cores (bench/block_bench.py), the thread hand-offs costing more
-    than the device overlap gains.  fdatasync and discard run in a thread.
-    Discard always punches a hole (reads of it return zeros).
+    In page-cache mode requests are served one after another, in ring order
+    (Linux queues many to the block layer): each preadv or pwritev then
+    costs a few microseconds, less than any hand-off would.  Worker threads
+    were tried for O_DIRECT mode and measured slower than even serving
+    inline on two cores; AIO is what pays.  Discard always punches a hole
+    (reads of it return zeros).
 """
 
 from __future__ import annotations

@@ -1,0 +1,126 @@
+"""Unit tests of how blkfront lays requests on the ring (no processes).
+
+A fake kernel stands in for grants and memory; the test plays the backend
+on the same ring page.  Checked: a large request becomes one
+BLKIF_OP_INDIRECT request whose indirect page lists every segment; a
+request replayed to a backend that takes fewer segments goes as several
+parts, those that find no free ring slot wait in the backlog, and the
+request completes (with its data in order) only when every part has.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from domains.domu.blkfront import BlkFront, _Conn, _Req
+from ipc import blkif
+from ipc.ring import BackRing, FrontRing
+
+
+class FakeGrants:
+    def __init__(self) -> None:
+        self.refs = itertools.count(100)
+        self.granted: dict[int, tuple[int, bool]] = {}
+        self.ended: list[int] = []
+
+    def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        ref = next(self.refs)
+        self.granted[ref] = (gfn, readonly)
+        return ref
+
+    def end_access_deferred(self, ref: int) -> bool:
+        self.ended.append(ref)
+        return True
+
+
+class FakeKernel:
+    domid = 5
+
+    def __init__(self) -> None:
+        self.grants = FakeGrants()
+
+
+class FakePage:
+    def __init__(self, gfn: int) -> None:
+        self.gfn = gfn
+        self.map = bytearray(4096)
+
+
+class FakePort:
+    def notify_nowait(self) -> None:
+        pass
+
+
+def frontend(persistent: bool, max_segs: int):
+    k = FakeKernel()
+    fe = BlkFront(k, None, 51712)
+    fe._indirect = [FakePage(1000 + i) for i in range(32)]
+    ring_page = FakePage(1)
+    ring = FrontRing.init(ring_page.map, blkif.ENTRY_SIZE)
+    conn = _Conn("be", 0, ring_page, 8, ring, FakePort(), persistent)
+    conn.max_segs = max_segs
+    back = BackRing(ring_page.map, blkif.ENTRY_SIZE)
+    return k, fe, conn, back
+
+
+def read_request(npages: int) -> _Req:
+    req = _Req(blkif.BLKIF_OP_READ, 64, npages * 8)
+    req.pages = [FakePage(10 + i) for i in range(npages)]
+    return req
+
+
+def test_a_large_read_is_one_indirect_request():
+    k, fe, conn, back = frontend(persistent=False, max_segs=256)
+    req = read_request(40)
+    fe._put(conn, req)
+    conn.ring.push_requests()
+    (raw,) = back.requests()
+    ind = blkif.unpack_request(raw)
+    assert isinstance(ind, blkif.BlkifRequestIndirect)
+    assert (ind.indirect_op, ind.sector_number, ind.nr_segments) == (blkif.BLKIF_OP_READ, 64, 40)
+    table_gfn, table_ro = k.grants.granted[ind.indirect_grefs[0]]
+    table = fe._indirect[ind.id]
+    assert table_gfn == table.gfn and table_ro       # the backend only reads it
+    segs = blkif.unpack_indirect_segments(ind, [bytes(table.map)])
+    assert [k.grants.granted[s.gref] for s in segs] == [(10 + i, False) for i in range(40)]
+    assert all((s.first_sect, s.last_sect) == (0, 7) for s in segs)
+    for i, page in enumerate(req.pages):             # the backend fills the pages
+        page.map[:] = bytes([i]) * 4096
+    fe._complete(conn, blkif.BlkifResponse(ind.id, blkif.BLKIF_OP_INDIRECT, 0))
+    assert req.done.is_set() and req.status == 0
+    assert req.result == b"".join(bytes([i]) * 4096 for i in range(40))
+    assert sorted(k.grants.ended) == sorted(k.grants.granted)   # per-request grants end
+
+
+def test_a_replay_beyond_the_backend_limit_goes_in_parts_through_the_backlog():
+    k, fe, conn, back = frontend(persistent=True, max_segs=11)
+    conn.free_ids = [1, 0]                           # only two ring slots free
+    req = read_request(40)                           # 11 + 11 + 11 + 7 pages
+    fe._put(conn, req)
+    assert len(conn.backlog) == 2 and req.parts_left == 4
+    seen = []
+    while not req.done.is_set():
+        conn.ring.push_requests()
+        for raw in back.requests():
+            r = blkif.unpack_request(raw)
+            seen.append((r.sector_number, len(r.segments)))
+            for s in r.segments:
+                gfn, _ = k.grants.granted[s.gref]
+                next(p for p in req.pages if p.gfn == gfn).map[:] = bytes([gfn]) * 4096
+            fe._complete(conn, blkif.BlkifResponse(r.id, r.operation, 0))
+    assert seen == [(64, 11), (64 + 88, 11), (64 + 176, 11), (64 + 264, 7)]
+    assert not conn.backlog and sorted(conn.free_ids) == [0, 1]
+    assert req.result == b"".join(bytes([10 + i]) * 4096 for i in range(40))
+    assert k.grants.ended == []                      # persistent grants stay
+
+
+def test_a_failed_part_fails_the_request():
+    k, fe, conn, back = frontend(persistent=True, max_segs=11)
+    req = read_request(20)
+    fe._put(conn, req)
+    conn.ring.push_requests()
+    first, second = (blkif.unpack_request(raw) for raw in back.requests())
+    fe._complete(conn, blkif.BlkifResponse(first.id, first.operation, blkif.BLKIF_RSP_ERROR))
+    assert not req.done.is_set()
+    fe._complete(conn, blkif.BlkifResponse(second.id, second.operation, 0))
+    assert req.done.is_set() and req.status == blkif.BLKIF_RSP_ERROR and req.result == b""
