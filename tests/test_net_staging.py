@@ -30,7 +30,8 @@ def test_connections_reuse_the_pages_reserved_at_probe() -> None:
         mem = _Memory()
         r = StagingReserve(mem, 64)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(r.fill)
+            r.start(nursery)
+            r.start(nursery)                      # once only
             first = await r.alloc(64)             # waits for the fill, asks nothing more
         assert mem.allocs == [64] and first == list(range(64))
         await r.free(first)                       # the connection closed
@@ -55,8 +56,18 @@ def test_a_failed_fill_leaves_connect_to_ask_the_memory_itself() -> None:
     async def main() -> None:
         mem = Refusing()
         r = StagingReserve(mem, 64)
-        await r.fill()
+        async with trio.open_nursery() as nursery:
+            r.start(nursery)
         assert len(await r.alloc(64)) == 64 and mem.allocs == [-64, 64]
         await r.release()
         assert mem.freed == []
+    trio.run(main)
+
+
+def test_a_reserve_never_started_is_the_memory_itself() -> None:
+    async def main() -> None:
+        mem = _Memory()
+        r = StagingReserve(mem, 64)
+        assert len(await r.alloc(64)) == 64 and mem.allocs == [64]
+        await r.release()                         # nothing held, nothing waited for
     trio.run(main)

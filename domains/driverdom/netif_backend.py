@@ -88,8 +88,10 @@ class StagingReserve:
     hypervisor at connect time, they are a populate_physmap of 64 frames on
     the critical path of every (re)connection, and when a driver domain is
     re-created, eight vifs ask at once.  This stands in for that memory: it
-    fills itself in the background from the moment the vif is probed (while
-    the frontend does its half of the handshake), hands the same pages to
+    fills itself in the background once the vif has published InitWait
+    (while the frontend does its half of the handshake; before that the
+    hypervisor's time goes to the probes of the other vifs), hands the same
+    pages to
     each connection of the vif, and gives them back to the hypervisor only
     when the vif's backend ends (:meth:`release`).  A request it cannot
     serve from what it holds goes to the domain's memory as before.
@@ -100,6 +102,13 @@ class StagingReserve:
         self.nr = nr
         self.pages: list = []
         self.filled = trio.Event()
+        self.started = False
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Fill in the background, once (later calls do nothing)."""
+        if not self.started:
+            self.started = True
+            nursery.start_soon(self.fill)
 
     async def fill(self) -> None:
         try:
@@ -110,6 +119,8 @@ class StagingReserve:
             self.filled.set()
 
     async def alloc(self, nr: int) -> list:
+        if not self.started:
+            return await self.memory.alloc(nr)
         await self.filled.wait()
         if nr > len(self.pages):
             return await self.memory.alloc(nr)
@@ -121,7 +132,8 @@ class StagingReserve:
 
     async def release(self) -> None:
         """Give every page held back to the hypervisor."""
-        await self.filled.wait()
+        if self.started:
+            await self.filled.wait()
         pages, self.pages = self.pages, []
         if pages:
             await self.memory.free(pages)
@@ -167,11 +179,10 @@ class NetifBackend:
         log.info("%s: %s for d%d on bridge %s", path, name, fe_id, bridge_name)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.staging.fill)
                 await backend_handshake(
                     xs, path, fe_path,
                     lambda: self._connect_and_serve(fe_path, fe_id, name, bridge_name),
-                    VifRefused, log)
+                    VifRefused, log, on_initwait=lambda: self.staging.start(nursery))
         finally:
             with trio.CancelScope(shield=True):
                 await self.staging.release()

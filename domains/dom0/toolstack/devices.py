@@ -20,7 +20,8 @@ Here
     shares (disks here, vifs in vifs.py) is in this module too:
     :class:`SplitDevice` (where a device's two directories are),
     :func:`write_device_dirs` (both directories in one transaction, or a
-    rebind), :func:`rebind_devices`, :func:`forget_domain` and
+    rebind), :func:`rebind_devices` (every device of a re-created driver
+    domain in one transaction), :func:`forget_domain` and
     :func:`remove_device_dirs`.  :class:`Devices` is the hook the
     Toolstack calls (``build`` during create, ``destroy`` during teardown) and
     what ``xl block-list / block-attach / block-detach`` use.  It remembers
@@ -59,7 +60,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import trio
 
@@ -78,6 +79,10 @@ _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}   # bare number
 def _error(msg: str) -> Exception:
     from domains.dom0.toolstack.libxl import ToolstackError
     return ToolstackError(msg)
+
+
+#: One directory's keys and values, as toolstack code writes them.
+DirKeys = Iterable[tuple[str, Any]]
 
 
 class SplitDevice:
@@ -178,8 +183,9 @@ class Devices:
             from domains.dom0.watchdog import bump
             await bump(self.xs, cfg.name, "restarts")
         self.driver_domains_seen.add(cfg.name)
-        await self.rebind(cfg.name, domid)
-        await self.net.rebind(cfg.name, domid)
+        await rebind_devices(self.xs, [(vbd, self.dir_keys) for vbd in self.vbds.values()]
+                             + [(vif, self.net.dir_keys) for vif in self.net.vifs.values()],
+                             cfg.name, domid)
 
     async def destroy(self, domid: int) -> None:
         """Remove the domain's own disks; orphan those it served (kept for rebind)."""
@@ -240,24 +246,22 @@ class Devices:
             raise _error(f"domain {domid} has no disk {vdev}")
         return vbd
 
-    async def rebind(self, backend_name: str, new_domid: int) -> int:
-        """Point every VBD served by ``backend_name`` at its new domid."""
-        return await rebind_devices(self.vbds.values(), backend_name, new_domid,
-                                    lambda vbd: self._write(vbd, fresh=False), "disk(s)", log)
-
     # -- XenStore ----------------------------------------------------------------------
     async def _write(self, vbd: Vbd, fresh: bool) -> None:
+        await write_device_dirs(self.xs, vbd, fresh, *self.dir_keys(vbd))
+
+    @staticmethod
+    def dir_keys(vbd: Vbd) -> tuple[DirKeys, DirKeys]:
+        """The keys of a VBD's backend and frontend directories (libxl_disk.c)."""
         spec = vbd.spec
-        await write_device_dirs(
-            self.xs, vbd, fresh,
-            (("frontend", vbd.fe_path), ("frontend-id", vbd.frontend),
+        return ((("frontend", vbd.fe_path), ("frontend-id", vbd.frontend),
              ("params", vbd.params), ("mode", "r" if spec.readonly else "w"),
              ("type", "phy"), ("device-type", spec.devtype),
              ("dev", spec.vdev), ("removable", 0), ("bootable", 1),
              ("online", 1), ("discard-enable", int(spec.discard)),
              *((("direct-io-safe", 1),) if spec.direct_io_safe else ()),
              ("state", 1)),
-            (("virtual-device", vbd.devid), ("device-type", spec.devtype), ("state", 1)))
+                (("virtual-device", vbd.devid), ("device-type", spec.devtype), ("state", 1)))
 
     # -- xl block-list -----------------------------------------------------------------
     async def list(self, domid: int) -> list[dict[str, Any]]:
@@ -283,7 +287,15 @@ class Devices:
 async def write_device_dirs(xs, dev: SplitDevice, fresh: bool,
                             be_keys: Iterable[tuple[str, Any]],
                             fe_keys: Iterable[tuple[str, Any]]) -> None:
-    """Write a split device's two directories in one transaction (libxl_device.c).
+    """Write a split device's two directories in one transaction (libxl_device.c)."""
+    be_keys, fe_keys = list(be_keys), list(fe_keys)
+    await xs.run_transaction(lambda t: write_device_dirs_in(t, dev, fresh, be_keys, fe_keys))
+
+
+async def write_device_dirs_in(t, dev: SplitDevice, fresh: bool,
+                               be_keys: Iterable[tuple[str, Any]],
+                               fe_keys: Iterable[tuple[str, Any]]) -> None:
+    """Write a split device's two directories in transaction ``t``.
 
     The backend directory (owned by the backend, readable by the frontend) is
     always written whole, with ``be_keys``.  A ``fresh`` device also gets its
@@ -293,30 +305,26 @@ async def write_device_dirs(xs, dev: SplitDevice, fresh: bool,
     frontend's ``backend``/``backend-id`` then name the backend.
     """
     be, fe = dev.be_path, dev.fe_path
-    be_keys, fe_keys = list(be_keys), list(fe_keys)
-
-    async def body(t) -> None:
-        await t.mkdir(be)
-        await t.set_perms(be, [f"n{dev.backend}", f"r{dev.frontend}"])
-        for key, value in be_keys:
-            await t.write(f"{be}/{key}", str(value))
-        fe_perms = [f"n{dev.frontend}", f"r{dev.backend}"]
-        if fresh:
-            await t.mkdir(fe)
-            await t.set_perms(fe, fe_perms)
-            for key, value in fe_keys:
-                await t.write(f"{fe}/{key}", str(value))
-        else:
-            # The frontend's nodes were readable by the old backend only.
-            await t.set_perms(fe, fe_perms)
-            for child in await t.directory(fe):
-                await t.set_perms(f"{fe}/{child}", fe_perms)
-            await _forget_stale_handshake(t, fe)
-        await t.write(f"{fe}/backend-id", str(dev.backend))
-        await t.write(f"{fe}/backend", be)
-        await t.set_perms(f"{fe}/backend-id", fe_perms)
-        await t.set_perms(f"{fe}/backend", fe_perms)
-    await xs.run_transaction(body)
+    await t.mkdir(be)
+    await t.set_perms(be, [f"n{dev.backend}", f"r{dev.frontend}"])
+    for key, value in be_keys:
+        await t.write(f"{be}/{key}", str(value))
+    fe_perms = [f"n{dev.frontend}", f"r{dev.backend}"]
+    if fresh:
+        await t.mkdir(fe)
+        await t.set_perms(fe, fe_perms)
+        for key, value in fe_keys:
+            await t.write(f"{fe}/{key}", str(value))
+    else:
+        # The frontend's nodes were readable by the old backend only.
+        await t.set_perms(fe, fe_perms)
+        for child in await t.directory(fe):
+            await t.set_perms(f"{fe}/{child}", fe_perms)
+        await _forget_stale_handshake(t, fe)
+    await t.write(f"{fe}/backend-id", str(dev.backend))
+    await t.write(f"{fe}/backend", be)
+    await t.set_perms(f"{fe}/backend-id", fe_perms)
+    await t.set_perms(f"{fe}/backend", fe_perms)
 
 
 #: How long removing a device waits for its backend to let go of it.  A backend
@@ -387,20 +395,34 @@ async def forget_domain(xs, devs: dict, domid: int) -> None:
             dev.backend = None
 
 
-async def rebind_devices(devs: Iterable[SplitDevice], backend_name: str, new_domid: int,
-                         write: Callable[[SplitDevice], Awaitable[None]], what: str,
-                         logger: logging.Logger = log) -> int:
-    """Point every device served by ``backend_name`` at its new domid, writing
-    each with ``write`` (a rebind); return how many."""
-    n = 0
-    for dev in devs:
-        if dev.backend_name == backend_name and dev.backend != new_domid:
-            dev.backend = new_domid
-            await write(dev)
-            n += 1
-    if n:
-        logger.info("rebound %d %s to %s (d%d)", n, what, backend_name, new_domid)
-    return n
+#: A device type's directory keys: device -> (backend keys, frontend keys).
+KeysOf = Callable[[Any], "tuple[DirKeys, DirKeys]"]
+
+
+async def rebind_devices(xs, devs: Iterable[tuple[SplitDevice, KeysOf]], backend_name: str,
+                         new_domid: int, logger: logging.Logger = log) -> int:
+    """Point every device served by ``backend_name`` at its new domid; return how many.
+
+    All of them in one transaction: the re-created driver domain, already
+    booting, finds every device it serves in one scan, and dom0 commits once
+    (a frontend writing its own directory meanwhile makes it start over).
+    ``devs`` pairs each device with what gives its directories' keys.
+    """
+    moved = [(dev, keys_of) for dev, keys_of in devs
+             if dev.backend_name == backend_name and dev.backend != new_domid]
+    if not moved:
+        return 0
+    for dev, _ in moved:
+        dev.backend = new_domid
+
+    async def body(t) -> None:
+        for dev, keys_of in moved:
+            await write_device_dirs_in(t, dev, False, *keys_of(dev))
+    await xs.run_transaction(body)
+    kinds = sorted({dev.devtype for dev, _ in moved})
+    logger.info("rebound %d device(s) (%s) to %s (d%d)", len(moved), ", ".join(kinds),
+                backend_name, new_domid)
+    return len(moved)
 
 
 async def read_for_list(xs, path: str) -> str:

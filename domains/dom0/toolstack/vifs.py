@@ -43,18 +43,16 @@ Where this differs from Xen
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from domains.dom0.toolstack.devices import (SplitDevice, forget_domain, read_for_list,
-                                            rebind_devices, remove_device_dirs, write_device_dirs)
+from domains.dom0.toolstack.devices import (DirKeys, SplitDevice, forget_domain, read_for_list,
+                                            remove_device_dirs, write_device_dirs)
 from domains.dom0.toolstack.vif_spec import VifSpec, VifSpecError, parse_vif_spec
 
 if TYPE_CHECKING:
     from domains.dom0.toolstack.devices import Devices
 
-log = logging.getLogger("vifs")
 
 
 def _error(msg: str) -> Exception:
@@ -94,10 +92,6 @@ class VifDevices:
 
     async def destroy(self, domid: int) -> None:
         await forget_domain(self.xs, self.vifs, domid)
-
-    async def rebind(self, backend_name: str, new_domid: int) -> int:
-        return await rebind_devices(self.vifs.values(), backend_name, new_domid,
-                                    lambda vif: self._write(vif, fresh=False), "vif(s)", log)
 
     # -- attach / detach -------------------------------------------------------------
     def parse(self, text: str, devid: int) -> VifSpec:
@@ -146,6 +140,11 @@ class VifDevices:
 
     # -- XenStore ----------------------------------------------------------------------
     async def _write(self, vif: Vif, fresh: bool) -> None:
+        await write_device_dirs(self.xs, vif, fresh, *self.dir_keys(vif))
+
+    @staticmethod
+    def dir_keys(vif: Vif) -> tuple[DirKeys, DirKeys]:
+        """The keys of a vif's backend and frontend directories (libxl_nic.c)."""
         spec = vif.spec
         keys: list[tuple[str, Any]] = [
             ("frontend", vif.fe_path), ("frontend-id", vif.frontend), ("online", 1),
@@ -157,9 +156,8 @@ class VifDevices:
             keys.append(("rate", f"{spec.rate.bytes_per_interval},{spec.rate.interval_us}"))
         if spec.vifname:
             keys.append(("vifname", spec.vifname))
-        await write_device_dirs(self.xs, vif, fresh, keys,
-                                (("handle", vif.devid), ("mac", spec.mac),
-                                 ("mtu", spec.mtu or 1500), ("state", 1)))
+        return keys, (("handle", vif.devid), ("mac", spec.mac), ("mtu", spec.mtu or 1500),
+                      ("state", 1))
 
     # -- xl network-list -----------------------------------------------------------------
     async def list(self, domid: int) -> list[dict[str, Any]]:
