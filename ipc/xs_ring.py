@@ -20,7 +20,11 @@ In Xen
     is the number of unread bytes and can never exceed 1024.  A producer
     writes data *before* publishing the new producer index; a consumer reads
     data *before* publishing the new consumer index; after moving an index the
-    side signals the event channel, so the peer looks again.
+    side signals the event channel, so the peer looks again.  Linux's
+    xenbus_comms.c signals only when the peer may be asleep on the index it
+    moved: a producer when the consumer had read everything before the new
+    bytes went in, a consumer when the ring was full (the producer can only
+    be waiting for space then).
 
 Here
     :class:`XenstoreRing` lays that struct over any writable buffer (an mmap
@@ -31,6 +35,12 @@ Here
     :class:`RingEndpoint` turns one half into an async byte stream given two
     callables from the event-channel layer: ``notify()`` kicks the peer and
     ``wait()`` returns once the peer has kicked us (perhaps spuriously).
+    It signals as Linux does, only when the peer may be asleep, and the
+    kicks for what it sends go out once per trio scheduler pass: a guest
+    sending a batch of requests (a handshake's dozen reads at once) costs one
+    kick, not a dozen, and a reply read costs none.  Each kick is a message
+    to the hypervisor and an upcall from it, so this is most of what a
+    XenStore request costs beyond xenstored's own work.
 
 Invariant
     An index pair whose distance exceeds the ring size is never trusted: the
@@ -43,12 +53,18 @@ Differences from Xen
     visible in program order), on each index being read and written as one
     aligned native 4-byte word (a memoryview cast to "I": struct's "<I"
     moves bytes one at a time, and the peer could see half an index), and
-    on every write of ours happening in program order.  On a weakly ordered CPU this module would need real
-    barriers (e.g. a tiny C helper).
+    on every write of ours happening in program order.  The one reordering
+    x86-64 does allow, a later load passing an earlier store, would let both
+    sides miss each other when deciding whether to signal (publish my index,
+    then read yours): :func:`_full_barrier` sits between the two, as mb()
+    does in Linux.  On a weakly ordered CPU this module would need real
+    barriers everywhere (e.g. a tiny C helper).
 """
 
 from __future__ import annotations
 
+from functools import partial
+import threading
 from typing import Awaitable, Callable
 
 import trio
@@ -88,6 +104,16 @@ XENSTORE_ERROR_PROTO = 3
 
 
 Notify = Callable[[], Awaitable[None]]
+
+_fence = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """mb(): a lock's acquire and release are atomic read-modify-writes (a
+    ``lock``-prefixed instruction on x86-64), which no load may pass."""
+    with _fence:
+        pass
+
 Wait = Callable[[], Awaitable[None]]
 
 
@@ -193,6 +219,28 @@ class XenstoreRing:
         self._set(cons_off, cons + n)
         return out
 
+    def _push(self, data_off: int, cons_off: int, prod_off: int,
+              data: bytes | memoryview) -> tuple[int, bool]:
+        """:meth:`_put`, and whether to signal the consumer: True when it had
+        read everything before our bytes went in, so it may be asleep."""
+        old = self._get(prod_off)
+        n = self._put(data_off, cons_off, prod_off, data)
+        if n == 0:
+            return 0, False
+        _full_barrier()          # our new producer index, before we read theirs
+        return n, ((self._get(cons_off) - old) & _U32) <= n
+
+    def _pull(self, data_off: int, cons_off: int, prod_off: int,
+              limit: int) -> tuple[bytes, bool]:
+        """:meth:`_take`, and whether to signal the producer: True when the
+        ring was full before we freed space, so it may be waiting for some."""
+        old = self._get(cons_off)
+        out = self._take(data_off, cons_off, prod_off, limit)
+        if not out:
+            return out, False
+        _full_barrier()          # our new consumer index, before we read theirs
+        return out, ((self._get(prod_off) - old) & _U32) >= XENSTORE_RING_SIZE
+
     # -- guest side --------------------------------------------------------
     def write_request(self, data: bytes | memoryview) -> int:
         return self._put(REQ_OFF, REQ_CONS_OFF, REQ_PROD_OFF, data)
@@ -229,8 +277,8 @@ class RingEndpoint:
     only at ``await``, checking the ring and then sleeping on the current
     wake-up event cannot miss a kick.
 
-    Notification follows xenstore-ring.txt: whenever we move an index
-    (published data or freed space) we signal the peer once.
+    Notification follows Linux's xenbus_comms.c (see the module docstring):
+    only a peer that may be asleep on the index we moved is signalled.
     """
 
     def __init__(self, buf, notify: Notify, wait: Wait, *, side: str) -> None:
@@ -241,16 +289,36 @@ class RingEndpoint:
         self._wait = wait
         self._kicked = trio.Event()
         self._send_lock = trio.Lock()
+        self._kick_due = trio.Event()
+        r = self.ring
         if side == "guest":
-            self._put, self._take = self.ring.write_request, self.ring.read_response
+            self._put, self._take = r.write_request, r.read_response
+            self._push = partial(r._push, REQ_OFF, REQ_CONS_OFF, REQ_PROD_OFF)
+            self._pull = partial(r._pull, RSP_OFF, RSP_CONS_OFF, RSP_PROD_OFF)
         else:
-            self._put, self._take = self.ring.write_response, self.ring.read_request
+            self._put, self._take = r.write_response, r.read_request
+            self._push = partial(r._push, RSP_OFF, RSP_CONS_OFF, RSP_PROD_OFF)
+            self._pull = partial(r._pull, REQ_OFF, REQ_CONS_OFF, REQ_PROD_OFF)
 
     async def run(self) -> None:
-        """Relay peer kicks to local waiters; runs until cancelled."""
+        """Relay peer kicks to local waiters, and send ours; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._kicker)
+            while True:
+                await self._wait()
+                self._wake()
+
+    async def _kicker(self) -> None:
+        """Send the kicks that :meth:`send_all` asks for, one per scheduler pass.
+
+        Requests made at once (:func:`~domains.kernel.xenbus.gather`) are
+        written by tasks that all run in the same pass; this task wakes in
+        the next one, after all of them, so the batch costs a single kick.
+        """
         while True:
-            await self._wait()
-            self._wake()
+            await self._kick_due.wait()
+            self._kick_due = trio.Event()
+            await self._notify()
 
     def _wake(self) -> None:
         ev, self._kicked = self._kicked, trio.Event()
@@ -260,9 +328,10 @@ class RingEndpoint:
         """Bytes the peer has produced, waiting for at least one."""
         while True:
             kicked = self._kicked
-            data = self._take(max_bytes)
+            data, wake = self._pull(max_bytes)
             if data:
-                await self._notify()   # tell the producer there is space
+                if wake:
+                    await self._notify()   # it may be waiting for space
                 return data
             await kicked.wait()
 
@@ -276,10 +345,11 @@ class RingEndpoint:
         async with self._send_lock:
             while view:
                 kicked = self._kicked
-                n = self._put(view)
+                n, wake = self._push(view)
                 if n:
                     view = view[n:]
-                    await self._notify()
+                    if wake:                   # it may be asleep on an empty ring
+                        self._kick_due.set()
                 else:
                     await kicked.wait()
 

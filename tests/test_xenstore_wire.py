@@ -10,10 +10,11 @@ import subprocess
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings, strategies as st
 
 from ipc import xs_ring, xs_wire
-from ipc.xs_ring import RingEndpoint, RingIndexError, XenstoreRing
+from ipc.xs_ring import XENSTORE_RING_SIZE, RingEndpoint, RingIndexError, XenstoreRing
 from ipc.xs_wire import (Decoder, Message, PayloadTooLong, UnknownType,
                          XenStoreError, XsType, encode, split_strings)
 
@@ -217,6 +218,54 @@ def test_ring_endpoint_streams_more_than_the_ring_in_process():
                     back += await guest.receive_some()
                 n.cancel_scope.cancel()
         assert bytes(got) == blob and bytes(back) == blob
+
+    trio.run(main)
+
+
+def test_ring_endpoint_signals_only_a_peer_that_may_be_asleep():
+    """Linux's rule: a producer kicks when the consumer had read everything, a
+    consumer when the ring was full; and what is sent in one scheduler pass
+    (a batch of requests made at once) costs one kick."""
+    page = bytearray(4096)
+
+    async def main():
+        kicks = {"guest": 0, "server": 0}
+
+        def notify_from(side: str):
+            async def notify():
+                kicks[side] += 1
+            return notify
+
+        async def never():
+            await trio.sleep_forever()
+        guest = RingEndpoint(page, notify_from("guest"), never, side="guest")
+        server = RingEndpoint(page, notify_from("server"), never, side="server")
+        settle = trio.testing.wait_all_tasks_blocked
+        async with trio.open_nursery() as n:
+            n.start_soon(guest.run)
+            n.start_soon(server.run)
+            for _ in range(5):                 # five requests, nobody reading yet
+                await guest.send_all(b"x" * 100)
+                await settle()
+            assert kicks["guest"] == 1
+            assert await server.receive_some() == b"x" * 500
+            assert kicks["server"] == 0        # the ring was not full: nobody waits
+            await guest.send_all(b"y")         # the server had read everything
+            await settle()
+            assert kicks["guest"] == 2
+            await server.receive_some()
+            async with trio.open_nursery() as batch:   # three replies at once
+                for _ in range(3):
+                    batch.start_soon(server.send_all, b"r")
+            await settle()
+            assert kicks["server"] == 1
+            await guest.receive_some()
+            await server.send_all(b"z" * XENSTORE_RING_SIZE)   # fills the ring exactly
+            await settle()
+            assert kicks["server"] == 2
+            assert await guest.receive_some(10) == b"z" * 10   # it was full: the
+            assert kicks["guest"] == 3          # producer may be waiting for space
+            n.cancel_scope.cancel()
 
     trio.run(main)
 
