@@ -157,6 +157,50 @@ def test_publish_writes_every_node_in_one_transaction_and_only_for_a_waiting_bac
     trio.run(main)
 
 
+def test_standing_watches_follow_the_backend_and_cost_no_watch_per_wait() -> None:
+    """With :meth:`FrontendDevice.watch_otherend`, waits set and remove no
+    watches; the state watch moves when ``backend`` names a new backend (a
+    re-created driver domain), and is gone with the device's nursery."""
+    fe = "/local/domain/7/device/vif/0"
+    old, new = "/local/domain/5/backend/vif/7/0", "/local/domain/9/backend/vif/7/0"
+
+    async def main() -> None:
+        xs = _store()
+        requests: list[str] = []
+        for name in ("watch", "unwatch"):
+            def counting(*args, _real=getattr(xs, name), _name=name, **kw):
+                requests.append(_name)
+                return _real(*args, **kw)
+            setattr(xs, name, counting)
+        await xs.write(f"{fe}/backend", old.encode())
+        await xs.write(f"{fe}/backend-id", b"5")
+        await xs.write(f"{old}/state", b"4")
+        dev = FrontendDevice(xs, 7, "vif", 0)
+        async with trio.open_nursery() as nursery:
+            await dev.watch_otherend(nursery)
+            with trio.fail_after(2):
+                assert await dev.wait_for_backend({XenbusState.Connected}) == (old, 5)
+                set_up = list(requests)
+                assert set_up == ["watch", "watch"]          # backend, then old/state
+
+                async def crash_and_rebind() -> None:
+                    await trio.sleep(0.05)
+                    await xs.write(f"{old}/state", b"6")
+                    await trio.sleep(0.05)
+                    await xs.write(f"{new}/state", b"2")
+                    await xs.write(f"{fe}/backend-id", b"9")
+                    await xs.write(f"{fe}/backend", new.encode())
+                nursery.start_soon(crash_and_rebind)
+                assert await dev.wait_for_backend_gone(old) == "backend state Closed"
+                assert requests == set_up                    # that wait set no watch
+                assert await dev.wait_for_backend({XenbusState.InitWait}, avoid=old) == (new, 9)
+                assert requests == set_up + ["unwatch", "watch"]   # moved to new/state
+                assert dev.otherend.following == new
+            nursery.cancel_scope.cancel()
+        assert not xs._watch_channels       # every watch removed with the device
+    trio.run(main)
+
+
 class _Hv:
     def __init__(self) -> None:
         self.sent: list[tuple] = []

@@ -209,6 +209,7 @@ class BlkFront:
     # -- public API --------------------------------------------------------------
     async def start(self, nursery: trio.Nursery, timeout: float = 60.0) -> "BlkFront":
         """Start the driver and wait until the device is connected the first time."""
+        await self.dev.watch_otherend(nursery)
         nursery.start_soon(self._run)
         faultpoint.ensure_agent(self.k, self.xs, nursery)
         with trio.fail_after(timeout):

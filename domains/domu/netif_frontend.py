@@ -100,6 +100,7 @@ class NetifFrontend:
         self.mac = (raw or b"").decode(errors="replace").strip()
         if not self.mac:
             raise ValueError(f"{self.dev.nodename}/mac is missing: the toolstack writes it")
+        await self.dev.watch_otherend(nursery)
         nursery.start_soon(self._run, nursery)
         with trio.fail_after(timeout):
             await self._first.wait()

@@ -217,6 +217,77 @@ async def _unwatch_all(watches: list) -> None:
         await gather(partial(one, w) for w in watches)
 
 
+class OtherendWatch:
+    """A frontend's standing watches on its other end (Linux's ``watch_otherend``).
+
+    Two watches, set once rather than for every wait: ``<frontend>/backend``
+    for the life of the device, and ``<backend>/state`` of the backend it
+    follows, moved only when ``backend`` names another one (:meth:`follow`).
+    Every wait of a handshake is then reads only.  Setting a watch and
+    removing it are two requests and an event; a reconnection waits four or
+    five times, and when a driver domain serving eight guests is re-created,
+    those are eight times the requests xenstored answers while every guest
+    waits for it.
+
+    Any event, or :data:`POLL_INTERVAL` without one, makes a waiter check
+    again (the check reads what it needs: an event says only "look").
+    """
+
+    def __init__(self, xs, nodename: str) -> None:
+        self.xs = xs
+        self.nodename = nodename
+        self.following: str | None = None
+        self._state_watch = None
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the watches until cancelled (start it with ``nursery.start``)."""
+        backend = await self.xs.watch(f"{self.nodename}/backend")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._pump, backend)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            await _unwatch_all([w for w in (backend, self._state_watch) if w is not None])
+
+    @property
+    def active(self) -> bool:
+        return self._nursery is not None
+
+    async def _pump(self, watch) -> None:
+        async for _ in watch:
+            woken, self._changed = self._changed, trio.Event()
+            woken.set()
+
+    async def follow(self, be_path: str | None) -> None:
+        """Watch the ``state`` of ``be_path`` (and no other backend's)."""
+        if be_path == self.following or self._nursery is None:
+            return
+        old, self._state_watch, self.following = self._state_watch, None, None
+        if old is not None:
+            await _unwatch_all([old])
+        if be_path:
+            # Followed only once the watch is set: a follow cut short sets it next time.
+            watch = await self.xs.watch(f"{be_path}/state")
+            self._state_watch, self.following = watch, be_path
+            self._nursery.start_soon(self._pump, watch)
+
+    async def wait_until(self, check: Callable[[], Awaitable[object]],
+                         poll: float = POLL_INTERVAL):
+        """Like :func:`wait_until`, on these watches."""
+        while True:
+            changed = self._changed
+            value = await check()
+            if value:
+                return value
+            with trio.move_on_after(poll):
+                await changed.wait()
+
+
 class FrontendDevice:
     """The frontend half's XenStore view of one device: ``device/<type>/<devid>``."""
 
@@ -226,6 +297,23 @@ class FrontendDevice:
         self.devtype = devtype
         self.devid = str(devid)
         self.nodename = f"/local/domain/{domid}/device/{devtype}/{self.devid}"
+        self.otherend: OtherendWatch | None = None
+
+    async def watch_otherend(self, nursery: trio.Nursery) -> None:
+        """Keep standing watches on the backend (:class:`OtherendWatch`) in
+        ``nursery``; until this is called each wait sets and removes its own."""
+        self.otherend = await nursery.start(OtherendWatch(self.xs, self.nodename).run)
+
+    async def wait_on_backend(self, be_path: str | None, check: Callable[[], Awaitable[object]],
+                              poll: float = POLL_INTERVAL):
+        """:func:`wait_until` ``check()`` is truthy, woken by ``backend`` and by
+        ``<be_path>/state``."""
+        paths = [f"{self.nodename}/backend"] + ([f"{be_path}/state"] if be_path else [])
+        otherend = self.otherend
+        if otherend is None or not otherend.active:
+            return await wait_until(self.xs, paths, check, poll=poll)
+        await otherend.follow(be_path)
+        return await otherend.wait_until(check, poll)
 
     async def backend_path(self) -> str | None:
         raw = await read_node(self.xs, f"{self.nodename}/backend")
@@ -269,10 +357,7 @@ class FrontendDevice:
                     if parse_state(raw[2]) in states:
                         return be, beid
                     return None
-                paths = [f"{self.nodename}/backend"]
-                if watched:
-                    paths.append(f"{watched}/state")
-                found = await wait_until(self.xs, paths, check)
+                found = await self.wait_on_backend(watched, check)
                 if found is not _MOVED:
                     return found
 
@@ -294,7 +379,7 @@ class FrontendDevice:
             if st != XenbusState.Connected:
                 return f"backend state {st.name}"
             return None
-        return await wait_until(self.xs, [f"{be_path}/state", f"{self.nodename}/backend"], gone)
+        return await self.wait_on_backend(be_path, gone)
 
 
 async def first_device(xs, domid: int, devtype: str, timeout: float = float("inf")) -> str:
@@ -352,8 +437,7 @@ async def publish_and_wait_connected(dev: FrontendDevice, be_path: str,
         if st in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
             return "failed"
         return None
-    outcome = await wait_until(xs, [f"{be_path}/state", f"{fe_path}/backend"],
-                               backend_answered, poll=0.2)
+    outcome = await dev.wait_on_backend(be_path, backend_answered, poll=0.2)
     if outcome != "connected":
         logger.info("%s: backend %s did not connect (%s); starting over",
                     fe_path, be_path, outcome)
