@@ -26,6 +26,7 @@ cost nothing.
   I/O completed after the reconnect, in each guest (each guest of each round
   is one sample).  ``block.recovery_all_p50`` is the same per round for the
   *slower* of the two guests: the time until every guest is moving again.
+  ``block.recovery_8g*``: the same with eight guests (full-scale runs only).
 
 Differences from how Xen is measured: fio on bare metal, with O_DIRECT.  Here
 the page cache is warm and every domain is a Python process on two shared
@@ -181,31 +182,33 @@ def _raw_file(path: str, secs: float, direct: bool = False) -> dict[str, float]:
     return out
 
 
-def _recovery(ctx, rounds: int) -> tuple[list[float], list[float]]:
+def _recovery(ctx, rounds: int, nguests: int = 2) -> tuple[list[float], list[float]]:
     from tests.blocksys import BLKDOM, guest
-    s = _system({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2")})
+    names = [f"guest{n}" for n in range(1, nguests + 1)]
+    s = _system({"blkdom": BLKDOM, **{g: guest(g) for g in names}})
     per_guest: list[float] = []
     all_guests: list[float] = []
     stopped = False
     try:
         s.up()
         for r in range(rounds):
-            for g in ("guest1", "guest2"):
+            for g in names:
                 s.wait_for(lambda: s.counters(g).get("reconnects", 0) >= r
                            and s.counters(g).get("ops", 0) > 200, timeout=60, what=f"{g} busy")
             pid = s.list()["blkdom"]["pid"]      # looked up first: it takes an xl call
             t0 = time.time()
             os.kill(pid, signal.SIGKILL)
             times = []
-            for g in ("guest1", "guest2"):
+            for g in names:
                 rec = s.wait_for(lambda: (s.counters(g).get("recovered_at", 0) > t0
                                           and s.counters(g)["recovered_at"]), timeout=60,
                                  what=f"{g} to recover")
                 times.append((rec - t0) * 1e9)
             per_guest += times
             all_guests.append(max(times))
-            ctx.log(f"block: recovery round {r + 1}: {[round(x / 1e6) for x in times]} ms")
-            for g in ("guest1", "guest2"):
+            ctx.log(f"block: recovery round {r + 1} ({nguests} guests): "
+                    f"{[round(x / 1e6) for x in times]} ms")
+            for g in names:
                 c = s.counters(g)
                 if c.get("errors") or c.get("verify_failures"):
                     ctx.error("block.recovery", f"{g}: {c}")
@@ -247,4 +250,11 @@ def run(ctx) -> list[Figure]:
                                detail={"what": "SIGKILL of blkdom to first completed I/O, per guest"})
     figures += latency_figures("block.recovery_all", all_guests, unit="ms",
                                detail={"what": "SIGKILL of blkdom to I/O completed in both guests"})
+    if ctx.scale >= 1:
+        per_guest, all_guests = _recovery(ctx, 5, nguests=8)
+        figures += latency_figures("block.recovery_8g", per_guest, unit="ms",
+                                   detail={"what": "as block.recovery, 8 guests on blkdom"})
+        figures += latency_figures("block.recovery_8g_all", all_guests, unit="ms",
+                                   detail={"what": "SIGKILL of blkdom to I/O completed in all "
+                                                   "8 guests"})
     return figures
