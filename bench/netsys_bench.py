@@ -70,19 +70,11 @@ class _System:
         return {d["name"]: d for d in self.client.call("list") if "d" not in d["state"]}
 
     def counters(self, name: str) -> dict[str, float]:
-        domid = self.domains()[name]["domid"]
-        base = f"/local/domain/{domid}/data/workload"
-        out = {}
+        from tests.blocksys import workload_counters
         try:
-            keys = self.client.call("xs_directory", path=base)
-        except Exception:
-            return out
-        for key in keys:
-            try:
-                out[key] = float(self.client.call("xs_read", path=f"{base}/{key}"))
-            except Exception:
-                pass
-        return out
+            return workload_counters(self.client, name)
+        except RuntimeError:
+            return {}
 
     def snapshot(self, name: str) -> dict[str, float]:
         """Counters that were all true at one moment (``at`` did not move meanwhile)."""

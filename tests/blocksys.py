@@ -43,9 +43,34 @@ def guest(name: str, workload: str = "disk", disk: bool = True, kernel: str = "d
     return text
 
 
+def workload_counters(client, name: str) -> dict[str, float]:
+    """The counters domain ``name``'s workload publishes under
+    ``data/workload``, read through dom0's management API (what ``xl`` calls).
+
+    One call for the whole directory, in this process: a loop polling every
+    guest must not start an ``xl`` process per guest per poll, which on two
+    cores would load the very system whose recovery it is timing.  Raises
+    RuntimeError if the directory cannot be read, KeyError for no such domain.
+    """
+    from domains.dom0.client import APIError
+    domid = {d["name"]: d for d in client.call("list")}[name]["domid"]
+    try:
+        rows = client.call("xs_ls", path=f"/local/domain/{domid}/data/workload")
+    except APIError as exc:
+        raise RuntimeError(str(exc)) from None
+    out = {}
+    for key, value in rows:
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
 class System:
     def __init__(self, configs: dict[str, str], watchdog_timeout: float = 1.5) -> None:
         self.run_dir = tempfile.mkdtemp(prefix="mxb", dir="/tmp")
+        self._client = None
         self.pids: set[int] = set()
         self.env = dict(os.environ, MICROXEN_WATCHDOG_TIMEOUT=str(watchdog_timeout))
         self.config_paths = []
@@ -91,15 +116,10 @@ class System:
             return default
 
     def counters(self, name: str) -> dict[str, float]:
-        domid = self.list()[name]["domid"]
-        out = {}
-        for line in self.xl("xenstore-ls", f"/local/domain/{domid}/data/workload").splitlines():
-            key, _, value = line.strip().partition(" = ")
-            try:
-                out[key] = float(value.strip('"'))
-            except ValueError:
-                pass
-        return out
+        if self._client is None:
+            from domains.dom0.client import Client
+            self._client = Client(self.run_dir, timeout=30)
+        return workload_counters(self._client, name)
 
     def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition"):
         deadline = time.monotonic() + timeout
@@ -123,6 +143,9 @@ class System:
         return pid
 
     def down(self, check: bool = True) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         self._run("down", "--run-dir", self.run_dir)
         problems = []
         deadline = time.monotonic() + 10
