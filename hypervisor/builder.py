@@ -87,11 +87,12 @@ class Builder:
             raise BuildError(reply["error"])
 
     def spawn(self, *, domid: int, name: str, kernel: str, secret: bytes,
-              shared_info_fd: int, grant_table_fd: int, grant_frames: int) -> tuple[int, int, socket.socket]:
+              shared_info_fd: int, grant_table_fd: int, upcall_fd: int,
+              grant_frames: int) -> tuple[int, int, socket.socket]:
         """Fork a domain; return (pid, pidfd, our end of its page-descriptor socket)."""
         request = msgpack.packb({"domid": domid, "name": name, "kernel": kernel, "secret": secret,
                                  "grant_frames": grant_frames})
-        socket.send_fds(self.sock, [request], [shared_info_fd, grant_table_fd])
+        socket.send_fds(self.sock, [request], [shared_info_fd, grant_table_fd, upcall_fd])
         data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 2)
         reply = msgpack.unpackb(data)
         if reply.get("error"):
@@ -135,7 +136,7 @@ def _zygote_main(sock: socket.socket, run_dir: str, preload: list[str], endpoint
     sock.send(msgpack.packb({"ready": True}))
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 2)
+            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 3)
         except InterruptedError:
             continue
         if not data:
@@ -205,7 +206,7 @@ def _child(req: dict[str, Any], fds: list[int], dom_end: socket.socket, run_dir:
         start = {"domid": req["domid"], "name": req["name"], "secret": req["secret"],
                  "endpoint": endpoint, "run_dir": run_dir, "grant_frames": req["grant_frames"]}
         code = kernel_main(start, {"shared_info": fds[0], "grant_table": fds[1],
-                                   "fdsock": dom_end.detach()}) or 0
+                                   "upcall": fds[2], "fdsock": dom_end.detach()}) or 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

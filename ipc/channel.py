@@ -19,7 +19,11 @@ Wire format (msgpack arrays):
                                                                 errno > 0: result is a message
                            [REPLY, req_id, 0, result, nfds]     nfds page descriptors were sent,
                                                                 tagged req_id, on the fd socket
-                           [UPCALL]                             "look at your shared_info"
+
+Upcalls ("look at your shared_info") do not travel here: each domain is born
+with an eventfd that the hypervisor writes, its interrupt line (see
+hypervisor/broker.py).  On this channel a notification would cost a ZeroMQ
+send, an I/O thread's wake-up on each side and a decode.
 
 Hypercall names follow Xen's (`event_channel_op`, `grant_table_op`,
 `memory_op`, `sched_op`, `domctl`, `sysctl`, `console_io`), and so do the
@@ -36,7 +40,6 @@ import msgpack
 import zmq
 
 REPLY = 1
-UPCALL = 2
 
 MAX_MESSAGE = 1 << 20  # a hypercall argument never needs more; bulk data moves in pages
 
@@ -83,12 +86,6 @@ def encode_reply(req_id: int, err: int, result: Any, nfds: int = 0) -> bytes:
     msg = [REPLY, req_id, err, result, nfds] if nfds else [REPLY, req_id, err, result]
     return msgpack.packb(msg, use_bin_type=True)
 
-
-UPCALL_MESSAGE = msgpack.packb([UPCALL])
-
-
-def decode_downcall(data: bytes) -> list[Any]:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 def hypercall_socket(ctx: zmq.Context, endpoint: str, domid: int, secret: bytes) -> zmq.Socket:

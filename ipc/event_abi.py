@@ -9,8 +9,9 @@ thousand sends before the domain looks produce one pending bit and one upcall:
 notifications coalesce.
 
 Here the page is a one-page memfd mapped by the hypervisor and the domain.  The
-upcall itself is a short message the hypervisor pushes on the domain's ZeroMQ
-channel; it carries no port numbers, only "look at your shared_info".
+upcall itself is the domain's interrupt line: an eventfd the hypervisor writes
+and the domain waits on; it carries no port numbers, only "look at your
+shared_info".
 
 Where this differs from Xen, and why: Xen packs pending and mask as bits and
 updates them with atomic instructions.  Python has no atomic read-modify-write

@@ -41,6 +41,8 @@ so dom0 can subtract a guest's timestamp from its own.
 from __future__ import annotations
 
 import faulthandler
+import os
+import select
 import time
 import traceback
 from typing import Any, Awaitable, Callable
@@ -183,7 +185,7 @@ class _Blocking:
         self.sock.send(data)
 
     def wait_port(self, port: Port) -> None:
-        """Block until an upcall shows ``port`` pending (replies to req 0 are skipped).
+        """Block on the upcall line until an upcall shows ``port`` pending.
 
         An event the library's reader saw before this loop took over is still
         latched in the Port: consume that first, or we would wait for an
@@ -191,14 +193,16 @@ class _Blocking:
         """
         if port.fired():
             return
-        recv, si, number = self.sock.recv, self.shared_info, port.port
+        line, si, number = self.hv.upcall_fd, self.shared_info, port.port
         while True:
-            if recv()[0:1] == _UPCALL_BYTE:
-                if number in list(si.take_pending()):
-                    return
-
-
-_UPCALL_BYTE = channel.UPCALL_MESSAGE[0:1]
+            if not select.select([line], [], [], self.timeout_ms / 1000)[0]:
+                raise TimeoutError(f"no upcall for port {number}")
+            try:
+                os.eventfd_read(line)
+            except BlockingIOError:
+                continue
+            if number in list(si.take_pending()):
+                return
 
 
 async def op_ping_raw(a: Agent, cmd: dict) -> list[int]:

@@ -1,7 +1,8 @@
 """Event channels as a domain kernel sees them.
 
 The hypervisor sets a port's pending byte in our shared_info page and, if no
-upcall is already outstanding, pushes an upcall message.  On an upcall we scan
+upcall is already outstanding, raises our interrupt line (an eventfd; see
+hypercall.py).  On an upcall we scan
 shared_info, clear each pending port, and wake whichever task waits on it.
 Several sends before we look cost one upcall and one wake-up: that coalescing is
 the point of keeping the bits in memory.
@@ -99,7 +100,7 @@ class EventChannels:
         self.unclaimed: set[int] = set()
 
     def upcall(self) -> None:
-        """Called by the hypercall reader for every upcall message."""
+        """Called by the hypercall reader for every upcall (the line raised once)."""
         for port in self.shared_info.take_pending():
             handle = self.ports.get(port)
             if handle is not None:

@@ -2,7 +2,9 @@
 
 A domain kernel calls `await hv.call("event_channel_op", "send", port=3)` and
 gets the result or a HypercallError.  Calls are pipelined: each has a request
-id, and one reader task matches replies to callers and passes upcalls to the
+id, and one reader task matches replies to callers.  Upcalls do not come on
+this channel: the hypervisor raises them on an eventfd the domain was born
+with (its interrupt line), and a second reader passes them to the
 event-channel code.
 
 ZeroMQ under trio: the socket's `zmq.FD` is *edge*-triggered.  It becomes
@@ -47,8 +49,9 @@ class Hypervisor:
     """One domain's connection to the hypervisor."""
 
     def __init__(self, sock: zmq.Socket, fdsock: socket.socket,
-                 on_upcall: Callable[[], None]) -> None:
+                 on_upcall: Callable[[], None], upcall_fd: int = -1) -> None:
         self.sock = sock
+        self.upcall_fd = upcall_fd
         self.fdsock = fdsock
         self.fdsock.settimeout(5)   # descriptors are sent before the reply: never a real wait
         self.on_upcall = on_upcall
@@ -100,16 +103,19 @@ class Hypervisor:
         self.drain()
 
     def drain(self) -> None:
-        """Handle every message that has arrived, without blocking."""
+        """Handle every message and upcall that has arrived, without blocking.
+
+        The upcall line is looked at *after* the messages: the hypervisor
+        raises it before it sends any reply that follows, so once a reply is
+        handled here the events raised before it are too, as when both came
+        on one channel.
+        """
         sock = self.sock
         while sock.getsockopt(_EVENTS) & _POLLIN:
             try:
                 data = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            if data == channel.UPCALL_MESSAGE:   # the common case: skip the decoder
-                self.on_upcall()
-                continue
+                break
             msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
             _, req_id, err, result = msg[:4]
             pending = self._pending.get(req_id)
@@ -126,9 +132,30 @@ class Hypervisor:
                 pending.value = result
                 pending.fds = fds
             pending.event.set()
+        self.take_upcall()
+
+    def take_upcall(self) -> bool:
+        """If the upcall line is raised, lower it and deliver the upcall."""
+        if self.upcall_fd < 0:
+            return False
+        try:
+            os.eventfd_read(self.upcall_fd)
+        except (BlockingIOError, OSError):
+            return False
+        self.on_upcall()
+        return True
 
     async def run(self) -> None:
-        """The reader task: wake on the socket's edge, then drain."""
+        """The reader tasks: wake on the socket's edge (then drain), and on the
+        upcall line."""
+        async with trio.open_nursery() as nursery:
+            if self.upcall_fd >= 0:
+                nursery.start_soon(self._upcalls)
+            while True:
+                self.drain()
+                await trio.lowlevel.wait_readable(self._fd)
+
+    async def _upcalls(self) -> None:
         while True:
-            self.drain()
-            await trio.lowlevel.wait_readable(self._fd)
+            await trio.lowlevel.wait_readable(self.upcall_fd)
+            self.take_upcall()

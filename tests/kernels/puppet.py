@@ -205,7 +205,7 @@ async def _do(k: Kernel, cmd: dict, pages, maps, ports):
 
 
 def _count_upcalls(k: Kernel) -> None:
-    """Count upcall messages, so tests can see notifications coalesce."""
+    """Count upcalls (the line raised), so tests can see notifications coalesce."""
     deliver = k.hv.on_upcall
     k.hv.upcalls = 0
 
