@@ -89,7 +89,7 @@ import trio
 from domains.kernel import faultpoint
 from domains.kernel.xenbus import (FrontendDevice, XenbusState, connect_retrying,
                                    frontend_start_over, peer_gone, publish_and_wait_connected,
-                                   first_device, read_int, read_nodes, to_int)
+                                   first_device, read_nodes, to_int)
 from ipc import blkif
 from ipc.page import PAGE_SIZE
 from ipc.ring import FrontRing, RingCorruptError, ring_size
@@ -480,10 +480,14 @@ class BlkFront:
     async def _connect(self) -> _Conn | None:
         dev, xs, k = self.dev, self.xs, self.k
         be_path, be_id = await dev.wait_for_backend({XenbusState.InitWait})
-        persistent = self.persistent_wanted and (
-            await read_int(xs, f"{be_path}/feature-persistent", 0) == 1)
-        indirect = min(await read_int(xs, f"{be_path}/feature-max-indirect-segments", 0),
-                       MAX_INDIRECT_SEGMENTS)
+        # blkback publishes the disk and its features before InitWait: read them
+        # all at once, in one round trip (Linux reads the disk's at Connected).
+        feats = ("feature-flush-cache", "feature-barrier", "feature-discard")
+        raw = await read_nodes(xs, [f"{be_path}/{k}" for k in (
+            "feature-persistent", "feature-max-indirect-segments", "sectors", "sector-size",
+            "info", *feats)])
+        persistent = self.persistent_wanted and to_int(raw[0], 0) == 1
+        indirect = min(to_int(raw[1], 0) or 0, MAX_INDIRECT_SEGMENTS)
         if indirect > SEGS and not self._indirect:
             self._indirect = await k.memory.alloc(RING_SLOTS)
         page = (await k.memory.alloc(1))[0]
@@ -502,14 +506,11 @@ class BlkFront:
                     ("feature-persistent", "1" if persistent else "0")], log):
                 await self._disconnect(conn)
                 return None
-            feats = ("feature-flush-cache", "feature-barrier", "feature-discard")
-            raw = await read_nodes(xs, [f"{be_path}/{k}" for k in
-                                        ("sectors", "sector-size", "info", *feats)])
-            self.sectors = to_int(raw[0], 0) or 0
-            self.sector_size = to_int(raw[1], SECTOR) or SECTOR
-            info = to_int(raw[2], 0) or 0
+            self.sectors = to_int(raw[2], 0) or 0
+            self.sector_size = to_int(raw[3], SECTOR) or SECTOR
+            info = to_int(raw[4], 0) or 0
             self.readonly = bool(info & blkif.VDISK_READONLY)
-            for feat, value in zip(feats, raw[3:]):
+            for feat, value in zip(feats, raw[5:]):
                 self.features[feat] = to_int(value, 0) or 0
             await dev.switch_state(XenbusState.Connected)
         except BaseException:

@@ -396,6 +396,10 @@ async def first_device(xs, domid: int, devtype: str, timeout: float = float("inf
     return await wait_until(xs, [base], first, timeout)
 
 
+class _NotWaiting(Exception):
+    """The backend stopped waiting for us: abandon the publishing transaction."""
+
+
 async def publish_and_wait_connected(dev: FrontendDevice, be_path: str,
                                      nodes: Iterable[tuple[str, str]],
                                      logger: logging.Logger = log) -> bool:
@@ -409,21 +413,27 @@ async def publish_and_wait_connected(dev: FrontendDevice, be_path: str,
     back what it set up and starts over.
     """
     xs, fe_path = dev.xs, dev.nodename
-    nodes = list(nodes)
+    items = [(f"{fe_path}/{key}", value) for key, value in nodes] \
+        + [(f"{fe_path}/state", int(XenbusState.Initialised))]
 
     async def publish(t) -> bool:
         # Publish only for the backend we set up for, and only while it
         # waits for us: a stale Initialised (refs granted to a backend that
         # has since gone) would be read by the next backend as ours.
         # Reading both nodes inside the transaction makes a concurrent
-        # rebind conflict with it, so the check holds at commit.
-        if not await still_waiting(t, fe_path, be_path):
-            return False
-        # All at once: the transaction commits them together anyway.
-        await write_nodes(t, [(f"{fe_path}/{key}", value) for key, value in nodes]
-                          + [(f"{fe_path}/state", int(XenbusState.Initialised))])
+        # rebind conflict with it, so the check holds at commit.  The
+        # writes go in the same round trip as the check; if it fails, the
+        # transaction is abandoned and none of them ever happened.
+        waiting, _ = await gather([partial(still_waiting, t, fe_path, be_path),
+                                   partial(write_nodes, t, items)])
+        if not waiting:
+            raise _NotWaiting
         return True
-    if not await xs.run_transaction(publish):
+    try:
+        published = await xs.run_transaction(publish)
+    except _NotWaiting:
+        published = False
+    if not published:
         logger.info("%s: backend %s stopped waiting before we published; starting over",
                     fe_path, be_path)
         return False
