@@ -15,6 +15,7 @@ its own after the fork.
 
 What a child gets, and nothing else:
 - its shared_info and grant-table pages (descriptors passed in by the hypervisor);
+- its upcall line: an eventfd the hypervisor writes to raise an upcall;
 - one end of a fresh socketpair whose other end goes back to the hypervisor: the
   page-descriptor socket, bound to this domain by construction;
 - its ZeroMQ secret, in memory only;
