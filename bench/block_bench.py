@@ -42,7 +42,7 @@ import signal
 import threading
 import time
 
-from bench.harness import Figure, compare, latency_figures
+from bench.harness import RECOVERY_QUIET, Figure, compare, latency_figures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,10 +182,6 @@ def _raw_file(path: str, secs: float, direct: bool = False) -> dict[str, float]:
     return out
 
 
-#: How long the recovery measurement leaves the system alone after the kill.
-RECOVERY_QUIET = 1.0
-
-
 def _recovery(ctx, rounds: int, nguests: int = 2) -> tuple[list[float], list[float]]:
     from tests.blocksys import BLKDOM, guest
     names = [f"guest{n}" for n in range(1, nguests + 1)]
@@ -202,8 +198,6 @@ def _recovery(ctx, rounds: int, nguests: int = 2) -> tuple[list[float], list[flo
             pid = s.list()["blkdom"]["pid"]      # looked up first: it takes an xl call
             t0 = time.time()
             os.kill(pid, signal.SIGKILL)
-            # Each guest stamps its own recovered_at: polling now would only load
-            # the system whose recovery is being timed.
             time.sleep(RECOVERY_QUIET)
             times = []
             for g in names:

@@ -60,10 +60,16 @@ __all__ = [
     "p99",
     "percentile",
     "rate_figure",
+    "RECOVERY_QUIET",
 ]
 
 LOWER = "lower"
 HIGHER = "higher"
+
+#: How long a recovery measurement leaves the system alone after killing a
+#: driver domain.  Each guest stamps its own ``recovered_at``, so polling during
+#: the recovery would gain nothing and only add load to what is being timed.
+RECOVERY_QUIET = 1.0
 
 # Units that are clearly times (lower is better) or rates (higher is better).
 # Used only to guess `better` when a caller does not say; compare() is explicit.

@@ -46,7 +46,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-from bench.harness import LOWER, Figure, compare, p50, p99
+from bench.harness import LOWER, RECOVERY_QUIET, Figure, compare, p50, p99
 from bench.procs import BenchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,10 +123,6 @@ def system(configs: dict[str, str], watchdog_timeout: float = 1.5) -> Iterator[_
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-#: How long the recovery measurements leave the system alone after the kill.
-RECOVERY_QUIET = 1.0
-
-
 def _scaled(n: int, scale: float, minimum: int) -> int:
     return max(minimum, int(n * scale))
 
@@ -189,8 +185,6 @@ def measure_recovery(scale: float, nguests: int = 2) -> tuple[list[float], list[
             pid = s.domains()["netdom"]["pid"]
             killed_at = time.time()
             os.kill(pid, signal.SIGKILL)
-            # Each guest stamps its own recovered_at, so there is nothing to gain
-            # by polling during the recovery, only load to add to it.
             time.sleep(RECOVERY_QUIET)
             got = {}
             for name in names:

@@ -151,9 +151,8 @@ class Hypervisor:
         """The toolstack unpaused a new domain: answer its held boot hypercall."""
         if dom.boot_req is not None and dom.routing_id is not None:
             req, dom.boot_req = dom.boot_req, None
+            # Events raised before it could hear them wait on its upcall line.
             self._reply(dom, req, self._start_info(dom))
-            if dom.shared_info.buf[0]:   # events raised before it could hear them
-                self.upcall(dom)
 
     def dom0_died(self) -> None:
         self.conring.printk("Domain 0 crashed: shutting the machine down")

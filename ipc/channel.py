@@ -87,7 +87,6 @@ def encode_reply(req_id: int, err: int, result: Any, nfds: int = 0) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
 
-
 def hypercall_socket(ctx: zmq.Context, endpoint: str, domid: int, secret: bytes) -> zmq.Socket:
     """Create the domain's DEALER, authenticated as `domid`, and connect it."""
     sock = ctx.socket(zmq.DEALER)

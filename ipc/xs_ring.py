@@ -63,8 +63,8 @@ Differences from Xen
 
 from __future__ import annotations
 
-from functools import partial
 import threading
+from functools import partial
 from typing import Awaitable, Callable
 
 import trio
@@ -104,6 +104,7 @@ XENSTORE_ERROR_PROTO = 3
 
 
 Notify = Callable[[], Awaitable[None]]
+Wait = Callable[[], Awaitable[None]]
 
 _fence = threading.Lock()
 
@@ -113,8 +114,6 @@ def _full_barrier() -> None:
     ``lock``-prefixed instruction on x86-64), which no load may pass."""
     with _fence:
         pass
-
-Wait = Callable[[], Awaitable[None]]
 
 
 class RingIndexError(RuntimeError):
@@ -219,8 +218,12 @@ class XenstoreRing:
         self._set(cons_off, cons + n)
         return out
 
-    def _push(self, data_off: int, cons_off: int, prod_off: int,
-              data: bytes | memoryview) -> tuple[int, bool]:
+    #: (data, consumer index, producer index) offsets of each of the two rings.
+    REQ = (REQ_OFF, REQ_CONS_OFF, REQ_PROD_OFF)
+    RSP = (RSP_OFF, RSP_CONS_OFF, RSP_PROD_OFF)
+
+    def push(self, data_off: int, cons_off: int, prod_off: int,
+             data: bytes | memoryview) -> tuple[int, bool]:
         """:meth:`_put`, and whether to signal the consumer: True when it had
         read everything before our bytes went in, so it may be asleep."""
         old = self._get(prod_off)
@@ -230,8 +233,8 @@ class XenstoreRing:
         _full_barrier()          # our new producer index, before we read theirs
         return n, ((self._get(cons_off) - old) & _U32) <= n
 
-    def _pull(self, data_off: int, cons_off: int, prod_off: int,
-              limit: int) -> tuple[bytes, bool]:
+    def pull(self, data_off: int, cons_off: int, prod_off: int,
+             limit: int) -> tuple[bytes, bool]:
         """:meth:`_take`, and whether to signal the producer: True when the
         ring was full before we freed space, so it may be waiting for some."""
         old = self._get(cons_off)
@@ -291,14 +294,9 @@ class RingEndpoint:
         self._send_lock = trio.Lock()
         self._kick_due = trio.Event()
         r = self.ring
-        if side == "guest":
-            self._put, self._take = r.write_request, r.read_response
-            self._push = partial(r._push, REQ_OFF, REQ_CONS_OFF, REQ_PROD_OFF)
-            self._pull = partial(r._pull, RSP_OFF, RSP_CONS_OFF, RSP_PROD_OFF)
-        else:
-            self._put, self._take = r.write_response, r.read_request
-            self._push = partial(r._push, RSP_OFF, RSP_CONS_OFF, RSP_PROD_OFF)
-            self._pull = partial(r._pull, REQ_OFF, REQ_CONS_OFF, REQ_PROD_OFF)
+        out, into = (r.REQ, r.RSP) if side == "guest" else (r.RSP, r.REQ)
+        self._push = partial(r.push, *out)
+        self._pull = partial(r.pull, *into)
 
     async def run(self) -> None:
         """Relay peer kicks to local waiters, and send ours; runs until cancelled."""
@@ -334,10 +332,6 @@ class RingEndpoint:
                     await self._notify()   # it may be waiting for space
                 return data
             await kicked.wait()
-
-    def take_nowait(self, max_bytes: int = XENSTORE_RING_SIZE) -> bytes:
-        """Whatever is readable now (no notify: caller batches it)."""
-        return self._take(max_bytes)
 
     async def send_all(self, data: bytes) -> None:
         """Put all of ``data`` on the ring, waiting for space as needed."""

@@ -480,8 +480,9 @@ class BlkFront:
     async def _connect(self) -> _Conn | None:
         dev, xs, k = self.dev, self.xs, self.k
         be_path, be_id = await dev.wait_for_backend({XenbusState.InitWait})
-        # blkback publishes the disk and its features before InitWait: read them
-        # all at once, in one round trip (Linux reads the disk's at Connected).
+        # blkback publishes the disk's size and its features before InitWait:
+        # one round trip reads them all.  (Linux's blkfront reads the size again
+        # at Connected, for disks that grow; these do not.)
         feats = ("feature-flush-cache", "feature-barrier", "feature-discard")
         raw = await read_nodes(xs, [f"{be_path}/{k}" for k in (
             "feature-persistent", "feature-max-indirect-segments", "sectors", "sector-size",

@@ -91,8 +91,7 @@ class StagingReserve:
     fills itself in the background once the vif has published InitWait
     (while the frontend does its half of the handshake; before that the
     hypervisor's time goes to the probes of the other vifs), hands the same
-    pages to
-    each connection of the vif, and gives them back to the hypervisor only
+    pages to each connection of the vif, and gives them back to the hypervisor only
     when the vif's backend ends (:meth:`release`).  A request it cannot
     serve from what it holds goes to the domain's memory as before.
     """

@@ -102,16 +102,15 @@ def boot(start: dict, fds: dict[str, int], main: Main) -> int:
     table = map_frame(fds["grant_table"], npages=start["grant_frames"])
     os.close(fds["shared_info"])
     os.close(fds["grant_table"])
-    upcall_fd = fds.get("upcall", -1)
     fdsock = socket.socket(fileno=fds["fdsock"])
     try:
-        return trio.run(_start, start, sock, fdsock, shared_info, table, main, upcall_fd)
+        return trio.run(_start, start, sock, fdsock, shared_info, table, main, fds["upcall"])
     finally:
         sock.close(linger=0)
         ctx.term()
 
 
-async def _start(start, sock, fdsock, shared_info, table, main: Main, upcall_fd: int = -1) -> int:
+async def _start(start, sock, fdsock, shared_info, table, main: Main, upcall_fd: int) -> int:
     events = EventChannels(shared_info)
     hv = Hypervisor(sock, fdsock, events.upcall, upcall_fd)
     events.hv = hv

@@ -49,7 +49,7 @@ class Hypervisor:
     """One domain's connection to the hypervisor."""
 
     def __init__(self, sock: zmq.Socket, fdsock: socket.socket,
-                 on_upcall: Callable[[], None], upcall_fd: int = -1) -> None:
+                 on_upcall: Callable[[], None], upcall_fd: int) -> None:
         self.sock = sock
         self.upcall_fd = upcall_fd
         self.fdsock = fdsock
@@ -103,19 +103,22 @@ class Hypervisor:
         self.drain()
 
     def drain(self) -> None:
-        """Handle every message and upcall that has arrived, without blocking.
+        """Handle every message that has arrived, without blocking.
 
-        The upcall line is looked at *after* the messages: the hypervisor
+        After any reply, the upcall line is looked at too: the hypervisor
         raises it before it sends any reply that follows, so once a reply is
         handled here the events raised before it are too, as when both came
-        on one channel.
+        on one channel.  (With no reply there is nothing to keep in order,
+        and the upcall reader will see the line.)
         """
         sock = self.sock
+        replied = False
         while sock.getsockopt(_EVENTS) & _POLLIN:
             try:
                 data = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            replied = True
             msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
             _, req_id, err, result = msg[:4]
             pending = self._pending.get(req_id)
@@ -132,25 +135,22 @@ class Hypervisor:
                 pending.value = result
                 pending.fds = fds
             pending.event.set()
-        self.take_upcall()
+        if replied:
+            self.take_upcall()
 
-    def take_upcall(self) -> bool:
+    def take_upcall(self) -> None:
         """If the upcall line is raised, lower it and deliver the upcall."""
-        if self.upcall_fd < 0:
-            return False
         try:
             os.eventfd_read(self.upcall_fd)
-        except (BlockingIOError, OSError):
-            return False
+        except BlockingIOError:
+            return
         self.on_upcall()
-        return True
 
     async def run(self) -> None:
         """The reader tasks: wake on the socket's edge (then drain), and on the
         upcall line."""
         async with trio.open_nursery() as nursery:
-            if self.upcall_fd >= 0:
-                nursery.start_soon(self._upcalls)
+            nursery.start_soon(self._upcalls)
             while True:
                 self.drain()
                 await trio.lowlevel.wait_readable(self._fd)

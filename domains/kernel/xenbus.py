@@ -31,7 +31,7 @@ Here
     driver needs, whatever its device type: the state constants, reading and
     switching a state, waiting (with watches) for the other end to reach a
     state, and two small bases: :class:`FrontendDevice` (finds its backend
-    and follows it) and :class:`BackendWatcher` (a driver domain's loop that
+    and follows it, on standing watches: :class:`OtherendWatch`) and :class:`BackendWatcher` (a driver domain's loop that
     starts one backend per directory that appears under
     ``/local/domain/<self>/backend/<type>/`` and stops it when the directory
     goes).  It also holds the two halves of the handshake that every device

@@ -254,14 +254,15 @@ class Devices:
     def dir_keys(vbd: Vbd) -> tuple[DirKeys, DirKeys]:
         """The keys of a VBD's backend and frontend directories (libxl_disk.c)."""
         spec = vbd.spec
-        return ((("frontend", vbd.fe_path), ("frontend-id", vbd.frontend),
-             ("params", vbd.params), ("mode", "r" if spec.readonly else "w"),
-             ("type", "phy"), ("device-type", spec.devtype),
-             ("dev", spec.vdev), ("removable", 0), ("bootable", 1),
-             ("online", 1), ("discard-enable", int(spec.discard)),
-             *((("direct-io-safe", 1),) if spec.direct_io_safe else ()),
-             ("state", 1)),
-                (("virtual-device", vbd.devid), ("device-type", spec.devtype), ("state", 1)))
+        backend = (("frontend", vbd.fe_path), ("frontend-id", vbd.frontend),
+                   ("params", vbd.params), ("mode", "r" if spec.readonly else "w"),
+                   ("type", "phy"), ("device-type", spec.devtype),
+                   ("dev", spec.vdev), ("removable", 0), ("bootable", 1),
+                   ("online", 1), ("discard-enable", int(spec.discard)),
+                   *((("direct-io-safe", 1),) if spec.direct_io_safe else ()),
+                   ("state", 1))
+        frontend = (("virtual-device", vbd.devid), ("device-type", spec.devtype), ("state", 1))
+        return backend, frontend
 
     # -- xl block-list -----------------------------------------------------------------
     async def list(self, domid: int) -> list[dict[str, Any]]:
@@ -285,16 +286,14 @@ class Devices:
 
 
 async def write_device_dirs(xs, dev: SplitDevice, fresh: bool,
-                            be_keys: Iterable[tuple[str, Any]],
-                            fe_keys: Iterable[tuple[str, Any]]) -> None:
+                            be_keys: DirKeys, fe_keys: DirKeys) -> None:
     """Write a split device's two directories in one transaction (libxl_device.c)."""
     be_keys, fe_keys = list(be_keys), list(fe_keys)
     await xs.run_transaction(lambda t: write_device_dirs_in(t, dev, fresh, be_keys, fe_keys))
 
 
 async def write_device_dirs_in(t, dev: SplitDevice, fresh: bool,
-                               be_keys: Iterable[tuple[str, Any]],
-                               fe_keys: Iterable[tuple[str, Any]]) -> None:
+                               be_keys: DirKeys, fe_keys: DirKeys) -> None:
     """Write a split device's two directories in transaction ``t``.
 
     The backend directory (owned by the backend, readable by the frontend) is

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from domains.dom0.toolstack.devices import Devices
 
 
-
 def _error(msg: str) -> Exception:
     from domains.dom0.toolstack.libxl import ToolstackError
     return ToolstackError(msg)
