@@ -1,4 +1,4 @@
-"""The block suite: blkfront -> blkback -> raw image, and recovery from a blkdom crash.
+"""The block suite: blkfront -> blkback -> raw image.
 
 What this measures
 ------------------
@@ -21,12 +21,7 @@ right after in this process:
 the floor blkback could reach if the ring, the grants and the three processes
 cost nothing.
 
-* ``block.recovery_p50`` / ``_p99`` (ms): two guests run the verifying
-  ``disk`` workload; blkdom is SIGKILLed; the time from the kill to the first
-  I/O completed after the reconnect, in each guest (each guest of each round
-  is one sample).  ``block.recovery_all_p50`` is the same per round for the
-  *slower* of the two guests: the time until every guest is moving again.
-  ``block.recovery_8g*``: the same with eight guests (full-scale runs only).
+(Recovery from a blkdom crash is the ``recovery`` suite.)
 
 Differences from how Xen is measured: fio on bare metal, with O_DIRECT.  Here
 the page cache is warm and every domain is a Python process on two shared
@@ -38,16 +33,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import signal
 import threading
 import time
 
-from bench.harness import RECOVERY_QUIET, Figure, compare, latency_figures
+from bench.harness import Figure, compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _system(configs: dict[str, str]):
+def blk_system(configs: dict[str, str]):
     import sys
     sys.path.insert(0, ROOT)
     from tests.blocksys import System
@@ -67,7 +61,7 @@ GUESTS = (("bpers", True, False), ("bgrant", False, False), ("bdirect", True, Tr
 
 def _through_blkfront(ctx, secs: float) -> tuple[dict[str, dict], str]:
     from tests.blocksys import BLKDOM
-    s = _system({"blkdom": BLKDOM, **{name: _bench_guest(name, pers, direct)
+    s = blk_system({"blkdom": BLKDOM, **{name: _bench_guest(name, pers, direct)
                                        for name, pers, direct in GUESTS}})
     results: dict[str, dict] = {}
     try:
@@ -182,46 +176,6 @@ def _raw_file(path: str, secs: float, direct: bool = False) -> dict[str, float]:
     return out
 
 
-def _recovery(ctx, rounds: int, nguests: int = 2) -> tuple[list[float], list[float]]:
-    from tests.blocksys import BLKDOM, guest
-    names = [f"guest{n}" for n in range(1, nguests + 1)]
-    s = _system({"blkdom": BLKDOM, **{g: guest(g) for g in names}})
-    per_guest: list[float] = []
-    all_guests: list[float] = []
-    stopped = False
-    try:
-        s.up()
-        for r in range(rounds):
-            for g in names:
-                s.wait_for(lambda: s.counters(g).get("reconnects", 0) >= r
-                           and s.counters(g).get("ops", 0) > 200, timeout=60, what=f"{g} busy")
-            pid = s.list()["blkdom"]["pid"]      # looked up first: it takes an xl call
-            t0 = time.time()
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(RECOVERY_QUIET)
-            times = []
-            for g in names:
-                rec = s.wait_for(lambda: (s.counters(g).get("recovered_at", 0) > t0
-                                          and s.counters(g)["recovered_at"]), timeout=60,
-                                 what=f"{g} to recover")
-                times.append((rec - t0) * 1e9)
-            per_guest += times
-            all_guests.append(max(times))
-            ctx.log(f"block: recovery round {r + 1} ({nguests} guests): "
-                    f"{[round(x / 1e6) for x in times]} ms")
-            for g in names:
-                c = s.counters(g)
-                if c.get("errors") or c.get("verify_failures"):
-                    ctx.error("block.recovery", f"{g}: {c}")
-        s.down()
-        stopped = True
-    finally:
-        if not stopped:
-            s.down(check=False)
-        s.cleanup()
-    return per_guest, all_guests
-
-
 def run(ctx) -> list[Figure]:
     secs = max(0.5, 2.0 * ctx.scale)
     figures: list[Figure] = []
@@ -246,16 +200,4 @@ def run(ctx) -> list[Figure]:
                                    True, detail={
                                        "grants": "per-request" if guest == "bgrant" else "persistent",
                                        "backend": "O_DIRECT" if guest == "bdirect" else "page cache"}))
-    per_guest, all_guests = _recovery(ctx, max(3, int(5 * ctx.scale)))
-    figures += latency_figures("block.recovery", per_guest, unit="ms",
-                               detail={"what": "SIGKILL of blkdom to first completed I/O, per guest"})
-    figures += latency_figures("block.recovery_all", all_guests, unit="ms",
-                               detail={"what": "SIGKILL of blkdom to I/O completed in both guests"})
-    if ctx.scale >= 1:
-        per_guest, all_guests = _recovery(ctx, 5, nguests=8)
-        figures += latency_figures("block.recovery_8g", per_guest, unit="ms",
-                                   detail={"what": "as block.recovery, 8 guests on blkdom"})
-        figures += latency_figures("block.recovery_8g_all", all_guests, unit="ms",
-                                   detail={"what": "SIGKILL of blkdom to I/O completed in all "
-                                                   "8 guests"})
     return figures

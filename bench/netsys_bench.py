@@ -20,15 +20,7 @@ event goes through the hypervisor process.  Figures:
 * ``netsys.ping_rtt_p50``/``_p99`` (µs): guest1 pings guest2 every 5 ms; the
   guest's stack keeps the last 1000 round trips.  Against
   ``baseline.udp_rtt_p50``/``_p99``.
-* ``netsys.recovery_p50``/``_p99`` (ms): netdom is SIGKILLed from outside
-  while every guest pings its neighbour every 20 ms; the time from the kill
-  to the *first answered ping in every guest* (the latest of the guests'
-  ``recovered_at``), over several rounds.  A ping needs both ends: one sent
-  before its peer's vif is back is lost and only retried after its timeout,
-  50 ms here (the RTT's p99 is about 5 ms), so the figure is quantised by
-  that much; a ping in flight when the guest's own vif reconnects is retried
-  at once, and so is one waiting for its next 20 ms slot.  The issue's
-  target is a p50 under 150 ms.  ``detail`` has the per-round values.
+(Recovery from a netdom crash is the ``recovery`` suite.)
 
 Run directories are short ``/tmp/mxs*`` names, removed afterwards, and each
 system is stopped with ``run.py down`` even when a measurement fails.
@@ -39,14 +31,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Iterator
 
-from bench.harness import LOWER, RECOVERY_QUIET, Figure, compare, p50, p99
+from bench.harness import Figure, compare, p50
 from bench.procs import BenchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,39 +158,6 @@ def measure_ping(scale: float) -> dict[str, float]:
         return s.counters("guest1")
 
 
-def measure_recovery(scale: float, nguests: int = 2) -> tuple[list[float], list[dict]]:
-    rounds = _scaled(5, scale, 3)
-    configs: dict[str, str] = {"netdom": NETDOM}
-    for n in range(1, nguests + 1):
-        peer = n % nguests + 1
-        configs[f"guest{n}"] = guest(n, f"ping peer=10.0.0.{peer} ping_interval=0.02 "
-                                        f"ping_timeout=0.05")
-    names = [f"guest{n}" for n in range(1, nguests + 1)]
-    times, detail = [], []
-    with system(configs) as s:
-        for r in range(1, rounds + 1):
-            for name in names:
-                s.wait_for(lambda: s.counters(name).get("ping_ok", 0) > 20
-                           and s.counters(name).get("reconnects", 0) == r - 1, 60,
-                           f"{name} pinging before round {r}")
-            pid = s.domains()["netdom"]["pid"]
-            killed_at = time.time()
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(RECOVERY_QUIET)
-            got = {}
-            for name in names:
-                c = s.wait_for(lambda: (lambda c: c if c.get("reconnects", 0) >= r and
-                                        c.get("recovered_at", 0) > killed_at else None)(
-                                   s.counters(name)), 60, f"{name} to recover in round {r}",
-                               poll=0.25)
-                got[name] = round((c["recovered_at"] - killed_at) * 1e3, 1)
-                if c.get("errors", 0):
-                    raise BenchError(f"netsys: {name} counted errors during recovery: {c}")
-            times.append(max(got.values()) / 1e3)   # seconds
-            detail.append(got)
-    return times, detail
-
-
 def run(ctx: Any) -> list[Figure]:
     ctx.log("netsys: UDP throughput guest1 -> guest2 through netdom ...")
     mbps, pps, tdetail = measure_throughput(ctx.scale)
@@ -217,17 +175,6 @@ def run(ctx: Any) -> list[Figure]:
                            ctx.baseline("udp_rtt_p50"), False, dict(info)))
     figures.append(compare("netsys.ping_rtt_p99", c["rtt_p99_us"], "us",
                            ctx.baseline("udp_rtt_p99"), False, dict(info)))
-    for n in (2,) if ctx.scale < 1 else (2, 8):
-        ctx.log(f"netsys: recovery from SIGKILL of netdom with {n} guests ...")
-        times, rounds = measure_recovery(ctx.scale, n)
-        info = {"guests": n, "rounds_ms": rounds, "target_p50_ms": 150,
-                "measured": "SIGKILL of netdom -> first answered ping in every guest "
-                            "(pings every 20 ms, 50 ms timeout; a reconnection ends "
-                            "the pause between two pings)"}
-        figures.append(Figure(f"netsys.recovery_{n}g_p50", p50(times) * 1e3, "ms",
-                              detail=dict(info), better=LOWER))
-        figures.append(Figure(f"netsys.recovery_{n}g_p99", p99(times) * 1e3, "ms",
-                              detail=dict(info), better=LOWER))
     return figures
 
 
@@ -237,5 +184,3 @@ if __name__ == "__main__":   # a quick look without the harness
     print(f"UDP {p50(m):.2f} MB/s {p50(p):.0f} pkt/s {d}")
     c = measure_ping(scale)
     print(f"ping p50 {c['rtt_p50_us']:.0f} us p99 {c['rtt_p99_us']:.0f} us")
-    t, r = measure_recovery(scale)
-    print(f"recovery p50 {p50(t) * 1e3:.0f} ms p99 {p99(t) * 1e3:.0f} ms {r}")
