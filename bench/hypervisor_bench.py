@@ -23,11 +23,12 @@ baselines measured in the same run:
     switch per notify, and the hypervisor sends one more message; on two cores
     shared by three busy processes that CPU time is latency. The ponger also
     cannot wait for the next ping until its reply arrived.
-  - ``port.notify_nowait()`` sends the same hypercall with request id 0 and
-    returns at once, as Linux's notify_remote_via_evtchn does not wait for
-    anything either. The hypervisor still answers (the answer is dropped by
-    the reader), so the saving is the sender's wait and task switch, not the
-    message.
+  - ``port.notify_nowait()`` does not use the channel at all: it sets the
+    port's send-request byte in shared_info and writes the domain's doorbell
+    eventfd, and returns, as Linux's notify_remote_via_evtchn does not wait
+    for anything either. The hypervisor serves the request with the same
+    checks and answers nothing. A round trip is then two doorbells and two
+    upcalls: four eventfd writes, no ZeroMQ message at all.
 
   Then the same, pinned: ``..._same_cpu_p50`` (hypervisor and both guests on
   one CPU) and ``..._cross_cpu_p50`` (every hop crosses CPUs), against the
@@ -58,8 +59,8 @@ baselines measured in the same run:
 Diagnostics (same run, same hypervisor; they say where the time goes):
 
 * ``hv.evtchn_rtt_raw_*`` and ``hv.hypercall_rtt_raw_*``: the same loops in the
-  same guests, but on the bare ZeroMQ socket with blocking recv, bypassing
-  trio and the kernel library's reader task. The gap to the library figures
+  same guests, but on the bare doorbell, upcall line and ZeroMQ socket with
+  blocking waits, bypassing trio and the kernel library's reader task. The gap to the library figures
   is the guest library's share; the gap to the baseline is the hypervisor's.
 * ``hv.hypercall_rate_raw_w64``: 64 bare hypercalls in flight, the hypervisor
   loop's own throughput ceiling.

@@ -8,7 +8,8 @@ domains.
 The loop is a plain synchronous `zmq.Poller` over:
 - the hypercall ROUTER socket (every domain's DEALER connects here),
 - the ZAP socket, where ZeroMQ asks us to authenticate each new connection,
-- one pidfd per domain process, readable the instant that process dies,
+- two lines per domain: a pidfd, readable the instant its process dies, and
+  its doorbell, an eventfd it writes when it has event-channel sends for us,
 - a signal wake-up socket (SIGTERM / SIGINT shut the system down).
 
 Identity: ZAP maps a connection's PLAIN credentials (domid, per-domain secret)
@@ -89,12 +90,12 @@ class Hypervisor:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.zap, zmq.POLLIN)
-        # Domain pidfds live in one epoll set, registered in the poller as a single fd:
-        # zmq.Poller rebuilds its list on every poll, so a hundred pidfds there would
-        # slow every hypercall.
-        self._pidfds: dict[int, Domain] = {}
-        self._deaths = select.epoll()
-        self.poller.register(self._deaths.fileno(), zmq.POLLIN)
+        # Domains' pidfds and doorbells live in one epoll set, registered in the
+        # poller as a single fd: zmq.Poller rebuilds its list on every poll, so
+        # two hundred descriptors there would slow every hypercall.
+        self._lines: dict[int, Callable[[], None]] = {}
+        self._line_set = select.epoll()
+        self.poller.register(self._line_set.fileno(), zmq.POLLIN)
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
@@ -130,15 +131,32 @@ class Hypervisor:
                 pass   # the pending byte stays set; the domain sees it on its next scan
 
     def watch_process(self, dom: Domain) -> None:
-        self._pidfds[dom.pidfd] = dom
-        self._deaths.register(dom.pidfd, select.EPOLLIN)
+        """Listen on a new domain's lines: its death and its doorbell."""
+        self._listen(dom.pidfd, lambda: domain.domain_died(self, dom))
+        self._listen(dom.doorbell_fd, lambda: self._doorbell(dom))
 
     def unwatch_process(self, dom: Domain) -> None:
+        """The process is gone: stop listening (the doorbell closes with the record)."""
+        self._unlisten(dom.doorbell_fd)
         if dom.pidfd >= 0:
-            self._deaths.unregister(dom.pidfd)
-            self._pidfds.pop(dom.pidfd, None)
+            self._unlisten(dom.pidfd)
             os.close(dom.pidfd)
             dom.pidfd = -1
+
+    def _listen(self, fd: int, handler: Callable[[], None]) -> None:
+        self._lines[fd] = handler
+        self._line_set.register(fd, select.EPOLLIN)
+
+    def _unlisten(self, fd: int) -> None:
+        if self._lines.pop(fd, None) is not None:
+            self._line_set.unregister(fd)
+
+    def _doorbell(self, dom: Domain) -> None:
+        try:
+            os.eventfd_read(dom.doorbell_fd)
+        except BlockingIOError:
+            return
+        event_channel.doorbell(self, dom)
 
     def frame_freed(self, owner: int) -> None:
         """A page of `owner` was unmapped for the last time; a dying owner may now go."""
@@ -168,15 +186,15 @@ class Hypervisor:
                     self._authenticate()
                 elif sock == self._sig_r.fileno():
                     self._signal()
-                elif sock == self._deaths.fileno():
-                    self._reap_deaths()
+                elif sock == self._line_set.fileno():
+                    self._domain_lines()
         self.shutdown()
 
-    def _reap_deaths(self) -> None:
-        for fd, _ev in self._deaths.poll(0):
-            dom = self._pidfds.get(fd)
-            if dom is not None:
-                domain.domain_died(self, dom)
+    def _domain_lines(self) -> None:
+        for fd, _ev in self._line_set.poll(0):
+            handler = self._lines.get(fd)   # gone if a death earlier in this batch took it
+            if handler is not None:
+                handler()
 
     def _signal(self) -> None:
         try:
@@ -306,7 +324,7 @@ class Hypervisor:
             if not dom.dying:
                 domain.destroy_domain(self, dom)
         self.builder.close()
-        self._deaths.close()
+        self._line_set.close()
         self.router.close()
         self.zap.close()
         self.ctx.term()

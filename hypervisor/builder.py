@@ -16,6 +16,7 @@ its own after the fork.
 What a child gets, and nothing else:
 - its shared_info and grant-table pages (descriptors passed in by the hypervisor);
 - its upcall line: an eventfd the hypervisor writes to raise an upcall;
+- its doorbell: an eventfd it writes to have its event-channel send requests served;
 - one end of a fresh socketpair whose other end goes back to the hypervisor: the
   page-descriptor socket, bound to this domain by construction;
 - its ZeroMQ secret, in memory only;
@@ -38,7 +39,6 @@ from typing import Any
 
 import msgpack
 
-from ipc import fdpass
 
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
@@ -89,11 +89,11 @@ class Builder:
 
     def spawn(self, *, domid: int, name: str, kernel: str, secret: bytes,
               shared_info_fd: int, grant_table_fd: int, upcall_fd: int,
-              grant_frames: int) -> tuple[int, int, socket.socket]:
+              doorbell_fd: int, grant_frames: int) -> tuple[int, int, socket.socket]:
         """Fork a domain; return (pid, pidfd, our end of its page-descriptor socket)."""
         request = msgpack.packb({"domid": domid, "name": name, "kernel": kernel, "secret": secret,
                                  "grant_frames": grant_frames})
-        socket.send_fds(self.sock, [request], [shared_info_fd, grant_table_fd, upcall_fd])
+        socket.send_fds(self.sock, [request], [shared_info_fd, grant_table_fd, upcall_fd, doorbell_fd])
         data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 2)
         reply = msgpack.unpackb(data)
         if reply.get("error"):
@@ -137,7 +137,7 @@ def _zygote_main(sock: socket.socket, run_dir: str, preload: list[str], endpoint
     sock.send(msgpack.packb({"ready": True}))
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 3)
+            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 4)
         except InterruptedError:
             continue
         if not data:
@@ -207,7 +207,8 @@ def _child(req: dict[str, Any], fds: list[int], dom_end: socket.socket, run_dir:
         start = {"domid": req["domid"], "name": req["name"], "secret": req["secret"],
                  "endpoint": endpoint, "run_dir": run_dir, "grant_frames": req["grant_frames"]}
         code = kernel_main(start, {"shared_info": fds[0], "grant_table": fds[1],
-                                   "upcall": fds[2], "fdsock": dom_end.detach()}) or 0
+                                   "upcall": fds[2], "doorbell": fds[3],
+                                   "fdsock": dom_end.detach()}) or 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

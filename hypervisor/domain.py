@@ -52,6 +52,7 @@ class Domain:
     pidfd: int = -1
     fdsock: socket.socket | None = None     # our end of the page-descriptor socketpair
     upcall_fd: int = -1                      # the domain's "interrupt line": an eventfd
+    doorbell_fd: int = -1                    # its event-send doorbell: an eventfd it writes
     routing_id: bytes | None = None          # the ZeroMQ connection bound to this domid
     created: float = field(default_factory=time.monotonic)
     paused_by_toolstack: bool = False
@@ -181,10 +182,12 @@ def create_domain(hv, *, name: str, kernel: str, memory_pages: int, max_pages: i
         made.append(grants.close)
         upcall_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         made.append(lambda: os.close(upcall_fd))
+        doorbell_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        made.append(lambda: os.close(doorbell_fd))
         dom = Domain(domid=domid, name=name, uuid=new_uuid(uuid), kernel=kernel,
                      vcpus=vcpus, online_vcpus=vcpus, privileged=privileged,
                      secret=secrets.token_bytes(32), shared_info_fd=si_fd,
-                     shared_info=shared_info, upcall_fd=upcall_fd)
+                     shared_info=shared_info, upcall_fd=upcall_fd, doorbell_fd=doorbell_fd)
         dom.start_info = {"cmdline": cmdline}
         hv.evtchn[domid] = PortTable(max_ports)
         hv.grants[domid] = grants
@@ -193,7 +196,7 @@ def create_domain(hv, *, name: str, kernel: str, memory_pages: int, max_pages: i
         dom.pid, dom.pidfd, dom.fdsock = hv.builder.spawn(
             domid=domid, name=name, kernel=kernel, secret=dom.secret,
             shared_info_fd=si_fd, grant_table_fd=grants.fd, upcall_fd=upcall_fd,
-            grant_frames=grant_frames)
+            doorbell_fd=doorbell_fd, grant_frames=grant_frames)
     except BaseException:
         for undo in reversed(made):
             undo()
@@ -263,9 +266,10 @@ def destroy_domain(hv, dom: Domain) -> None:
     if dom.fdsock is not None:
         dom.fdsock.close()
         dom.fdsock = None
-    if dom.upcall_fd >= 0:
-        os.close(dom.upcall_fd)
-        dom.upcall_fd = -1
+    for line in ("upcall_fd", "doorbell_fd"):
+        if getattr(dom, line) >= 0:
+            os.close(getattr(dom, line))
+            setattr(dom, line, -1)
     hv.conring.printk(f"d{dom.domid}: destroyed"
                       + (f", {len(held)} pages still mapped by other domains" if held else ""))
     if not held:

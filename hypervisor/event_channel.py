@@ -8,7 +8,10 @@ event only says "look".  Ports are also how the hypervisor raises virtual IRQs
 (VIRQ_DOM_EXC tells dom0 that some domain changed state).
 
 Operations (EVTCHNOP_*): alloc_unbound, bind_interdomain, bind_virq, send,
-close, status, unmask.  Port 0 is never handed out, as in Xen.
+close, status, unmask.  Port 0 is never handed out, as in Xen.  `send` also
+has a fast path, the doorbell: a domain sets send-request bytes in its
+shared_info and writes an eventfd; `doorbell` serves them with the same checks
+(see ipc/event_abi.py for why it exists).
 
 Invariants kept here:
 - a domain sends only on ports it owns, and only to the peer it bound;
@@ -139,6 +142,22 @@ def send(hv: "Hypervisor", caller: "Domain", args: dict) -> None:
             _raise(hv, peer, port.remote_port)
     elif port.state != EVTCHNSTAT_unbound:   # sending on an unbound port is a no-op in Xen
         raise HypercallError(errno.EINVAL, f"send: port {args.get('port')} cannot be sent on")
+
+
+def doorbell(hv: "Hypervisor", caller: "Domain") -> None:
+    """The domain rang its doorbell: perform every send it has requested.
+
+    Each request is an EVTCHNOP_send with nobody waiting for the answer, so a
+    refused one is logged (xl dmesg) rather than returned.
+    """
+    table = hv.evtchn.get(caller.domid)
+    if table is None or not caller.alive:
+        return
+    for port in caller.shared_info.take_send_requests(table.max_ports):
+        try:
+            send(hv, caller, {"port": port})
+        except HypercallError as exc:
+            hv.conring.printk(f"d{caller.domid}: event send refused: {exc}")
 
 
 def close(hv: "Hypervisor", caller: "Domain", args: dict) -> None:

@@ -114,6 +114,42 @@ def test_sending_on_a_port_the_caller_does_not_own_is_refused(shared_hv):
     assert a.do("fire_count", port=pa) == before   # nothing reached the real owner
 
 
+def test_a_doorbell_send_rings_the_peer_as_the_hypercall_does(shared_hv):
+    a, pa, b, pb = connect(shared_hv)
+    a.do("notify_nowait", port=pa)
+    assert b.do("wait", port=pb) is True
+    b.do("notify_nowait", port=pb)
+    assert a.do("wait", port=pa) is True
+    assert a.do("send_requests") == [] and b.do("send_requests") == []   # each one served
+
+
+def test_a_port_requested_many_times_before_a_ring_is_sent_once(shared_hv):
+    a, pa, b, pb = connect(shared_hv)
+    before = a.do("fire_count", port=pa)
+    b.do("doorbell_raw", ports=[pb, pb, pb])   # one byte, however often it is set
+    assert a.do("wait", port=pa) is True
+    assert a.do("fire_count", port=pa)["fires"] == before["fires"] + 1
+
+
+def test_doorbell_requests_for_ports_the_caller_does_not_hold_are_refused_and_logged(shared_hv):
+    """A hostile domain may set any request byte: each is checked as the
+    hypercall would be, refused ones reach nobody, and the hypervisor goes on."""
+    h = shared_hv
+    a, pa, b, pb = connect(h)
+    c = guest(h, max_evtchn_port=4)            # holds no port at all
+    before_a, before_b = a.do("fire_count", port=pa), b.do("fire_count", port=pb)
+    c.do("doorbell_raw", ports=[0, 1, 3, pa, pb, 4, 1023])
+    wait_for(lambda: sum("event send refused" in line and f"d{c.domid}:" in line
+                         for line in h.dmesg()) >= 3, what="the refusals in the log")
+    # Ports at or past its limit are never looked at: the bytes stay, harmless.
+    assert c.do("send_requests") == [4, 1023]
+    assert a.do("fire_count", port=pa) == before_a
+    assert b.do("fire_count", port=pb) == before_b
+    a.do("notify_nowait", port=pa)             # everybody is still served
+    assert b.do("wait", port=pb) is True
+    assert evtchn(c, "status", port=1) == {"status": EVTCHNSTAT_closed}
+
+
 def test_binding_a_port_meant_for_another_domain_is_refused(shared_hv):
     h = shared_hv
     a, b, c = guest(h), guest(h), guest(h)

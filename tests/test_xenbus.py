@@ -4,15 +4,19 @@ handshake's transactional publish, and the XenStore ring's doorbell."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from domains.dom0.xenstored import InProcessConnection, XenStore
 from domains.kernel import faultpoint
-from domains.kernel.events import Port
+from domains.kernel.events import EventChannels, Port
 from domains.kernel.xenbus import (BackendWatcher, FrontendDevice, XenbusState,
                                    publish_and_wait_connected, read_node, wait_until)
+from ipc.event_abi import SharedInfo
+from ipc.page import PAGE_SIZE
 
 ROOT = "/local/domain/5/backend/vif"
 
@@ -201,36 +205,21 @@ def test_standing_watches_follow_the_backend_and_cost_no_watch_per_wait() -> Non
     trio.run(main)
 
 
-class _Hv:
-    def __init__(self) -> None:
-        self.sent: list[tuple] = []
-
-    def call_nowait(self, hypercall: str, cmd: str, *, faults: bool = True, **args) -> None:
-        if faults:
-            data = faultpoint.hit_nowait("hypercall.nowait", (hypercall, cmd, args))
-            if data is faultpoint.DROP:
-                return
-        self.sent.append((hypercall, cmd, args["port"]))
-
-
-class _Events:
-    def __init__(self) -> None:
-        self.hv = _Hv()
-
-
 @pytest.mark.parametrize("point", ["evtchn.send", "hypercall.nowait"])
 def test_the_xenstore_doorbell_is_outside_the_notification_fault_points(point: str) -> None:
     """A device's notifications may be dropped by a fault; the XenStore ring's
     doorbell (Port.kick) is not, so a driver domain's control plane goes on."""
     async def main() -> None:
-        events = _Events()
-        port = Port(events, 3)
-        faultpoint.arm(faultpoint.parse_spec("f", f"point={point} action=drop"))
+        shared_info, bell = SharedInfo(bytearray(PAGE_SIZE)), os.eventfd(0, os.EFD_NONBLOCK)
         try:
+            port = Port(EventChannels(shared_info, bell), 3)
+            faultpoint.arm(faultpoint.parse_spec("f", f"point={point} action=drop"))
             port.notify_nowait()
-            assert events.hv.sent == []
+            assert shared_info.take_send_requests() == []
             await port.kick()
-            assert events.hv.sent == [("event_channel_op", "send", 3)]
+            assert shared_info.take_send_requests() == [3]
+            assert os.eventfd_read(bell) == 1          # rung once: by the kick
         finally:
             faultpoint.disarm(point)
+            os.close(bell)
     trio.run(main)

@@ -104,14 +104,16 @@ def boot(start: dict, fds: dict[str, int], main: Main) -> int:
     os.close(fds["grant_table"])
     fdsock = socket.socket(fileno=fds["fdsock"])
     try:
-        return trio.run(_start, start, sock, fdsock, shared_info, table, main, fds["upcall"])
+        return trio.run(_start, start, sock, fdsock, shared_info, table, main,
+                        fds["upcall"], fds["doorbell"])
     finally:
         sock.close(linger=0)
         ctx.term()
 
 
-async def _start(start, sock, fdsock, shared_info, table, main: Main, upcall_fd: int) -> int:
-    events = EventChannels(shared_info)
+async def _start(start, sock, fdsock, shared_info, table, main: Main,
+                 upcall_fd: int, doorbell_fd: int) -> int:
+    events = EventChannels(shared_info, doorbell_fd)
     hv = Hypervisor(sock, fdsock, events.upcall, upcall_fd)
     events.hv = hv
     code = 0

@@ -13,10 +13,21 @@ rings it without waiting (the hot path of every ring), and `await port.kick()`
 is the XenStore ring's doorbell (the same, outside the fault points);
 `await port.wait()` sleeps until the peer rang (at least once) since the last
 wait.
+
+A send without waiting is not a message on the hypercall channel: we set the
+port's send-request byte in shared_info and write our doorbell, an eventfd
+the hypervisor polls (see ipc/event_abi.py).  One system call, no ZeroMQ on
+either side, and sends that pile up before the hypervisor looks cost it one
+wake-up.  Such a send is unordered with respect to hypercalls still in
+flight on the channel; nothing needs that order, because a notification
+only says "look at the ring", and the ring is already written.  A send the
+hypervisor refuses is logged there (xl dmesg), as a fire-and-forget
+hypercall's failure would be.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import trio
@@ -60,7 +71,7 @@ class Port:
     def notify_nowait(self) -> None:
         """Ring the peer without waiting for the hypervisor's answer (the hot path)."""
         if faultpoint.intercept_send(self): return
-        self.events.hv.call_nowait("event_channel_op", "send", port=self.port)
+        self.events.send_nowait(self.port)
 
     async def kick(self) -> None:
         """The XenStore ring's doorbell: ring the peer without waiting, as an
@@ -76,7 +87,7 @@ class Port:
         XenStore ring has no poll, and a lost doorbell would stall a driver
         domain's whole control plane (its heartbeat with it) instead.
         """
-        self.events.hv.call_nowait("event_channel_op", "send", faults=False, port=self.port)
+        self.events.send_nowait(self.port, faults=False)
 
     async def status(self) -> dict:
         return await self.events.hv.call("event_channel_op", "status", port=self.port)
@@ -93,11 +104,26 @@ class Port:
 
 
 class EventChannels:
-    def __init__(self, shared_info: SharedInfo) -> None:
+    def __init__(self, shared_info: SharedInfo, doorbell_fd: int) -> None:
         self.shared_info = shared_info
+        self.doorbell_fd = doorbell_fd
         self.ports: dict[int, Port] = {}
         self.hv: "Hypervisor"   # set by the kernel once the channel exists
         self.unclaimed: set[int] = set()
+
+    def send_nowait(self, port: int, *, faults: bool = True) -> None:
+        """EVTCHNOP_send's fast path: a send request in shared_info, then the doorbell.
+
+        ``faults=False`` keeps it out of the ``hypercall.nowait`` fault point
+        (see :meth:`Port.kick`); there a send can be dropped, or its port
+        number garbled into one the hypervisor must refuse or harmlessly ring.
+        """
+        if faults:
+            port = faultpoint.hit_nowait("hypercall.nowait", port)
+            if port is faultpoint.DROP:
+                return
+        self.shared_info.request_send(port)
+        os.eventfd_write(self.doorbell_fd, 1)
 
     def upcall(self) -> None:
         """Called by the hypercall reader for every upcall (the line raised once)."""

@@ -62,6 +62,8 @@ from typing import Any
 
 import trio
 
+from ipc.event_abi import NR_EVENT_CHANNELS
+
 log = logging.getLogger("faultpoint")
 
 #: What a point returns to say "pretend this never happened" (drop a message,
@@ -294,14 +296,11 @@ def _bad_sector(f: Fault, raw: bytes) -> bytes:
     return bytes(b)
 
 
-def _corrupt_args(f: Fault, value: Any) -> Any:
-    """Hypercall arguments: garble one (a message the hypervisor must refuse cleanly)."""
-    if isinstance(value, (bytes, bytearray)):
-        b = bytearray(value)
-        for _ in range(1 + len(b) // 16):
-            b[f.rng.randrange(len(b))] = f.rng.randrange(256)
-        return bytes(b)
-    return value
+def _corrupt_args(f: Fault, port: int) -> int:
+    """A fire-and-forget send's one argument, its port number, becomes another
+    port: usually one we do not hold (the hypervisor refuses and logs it), else
+    one we do (a spurious notification, which every ring absorbs)."""
+    return port ^ (1 + f.rng.randrange(NR_EVENT_CHANNELS - 1))
 
 
 def _duplicate(f: Fault, value: Any) -> Any:
@@ -327,7 +326,7 @@ def intercept_send(port: Any) -> bool:
     if f.action == "drop":
         return True
     if f.action == "duplicate":
-        port.events.hv.call_nowait("event_channel_op", "send", port=port.port)
+        port.events.send_nowait(port.port)
         return False
     if f.action == "delay" and _agent is not None:
         _agent.k.nursery.start_soon(_late_send, port, f.delay)
@@ -338,7 +337,7 @@ def intercept_send(port: Any) -> bool:
 async def _late_send(port: Any, delay: float) -> None:
     await trio.sleep(delay)
     if not port.closed:
-        port.events.hv.call_nowait("event_channel_op", "send", port=port.port)
+        port.events.send_nowait(port.port)
 
 
 # -- the agent: arming from XenStore ----------------------------------------------------

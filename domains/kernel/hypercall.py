@@ -5,7 +5,8 @@ gets the result or a HypercallError.  Calls are pipelined: each has a request
 id, and one reader task matches replies to callers.  Upcalls do not come on
 this channel: the hypervisor raises them on an eventfd the domain was born
 with (its interrupt line), and a second reader passes them to the
-event-channel code.
+event-channel code.  Nor do sends that wait for no answer: those go by the
+doorbell (domains/kernel/events.py).
 
 ZeroMQ under trio: the socket's `zmq.FD` is *edge*-triggered.  It becomes
 readable when ZeroMQ's internal state changes, and any send, recv or EVENTS
@@ -27,7 +28,6 @@ import msgpack
 import trio
 import zmq
 
-from domains.kernel import faultpoint
 from ipc import channel, fdpass
 from ipc.channel import HypercallError
 
@@ -77,21 +77,6 @@ class Hypervisor:
         if pending.error is not None:
             raise pending.error
         return pending.value, pending.fds
-
-    def call_nowait(self, hypercall: str, cmd: str, *, faults: bool = True, **args: Any) -> None:
-        """Fire a hypercall and do not wait: request id 0 asks for no reply at all.
-
-        The hot path of event channels: a notify whose reply nobody reads would cost
-        the hypervisor a send and us a wake-up.  A failure is logged by the
-        hypervisor (xl dmesg), not raised here.  ``faults=False`` keeps the
-        message out of the ``hypercall.nowait`` fault point (see
-        :meth:`~domains.kernel.events.Port.kick`).
-        """
-        data = channel.encode_call(0, hypercall, cmd, args)
-        if faults:
-            data = faultpoint.hit_nowait("hypercall.nowait", data)
-        if data is not faultpoint.DROP: self.sock.send(data, zmq.NOBLOCK)
-        self.drain()
 
     async def _send(self, data: bytes) -> None:
         while True:

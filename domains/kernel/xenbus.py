@@ -185,7 +185,6 @@ async def wait_until(xs, paths: Iterable[str], check: Callable[[], Awaitable[obj
                 raise
 
             async def pump(w) -> None:
-                nonlocal wake
                 initial = True
                 async for _ in w:
                     if not initial:

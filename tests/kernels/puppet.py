@@ -18,6 +18,9 @@ Commands (op, then its fields):
   map_fd_writable dom ref        try to turn a read-only grant into write access
   steal_frames victim            try to open another domain's frames via the hypervisor's fds
   alloc_unbound / bind_interdomain / bind_virq / notify port / wait port / fired port
+  notify_nowait port             a send by the doorbell, through the kernel library
+  doorbell_raw ports / send_requests   send requests for any port numbers, one ring;
+                                 which request bytes are still set
   mask port [masked] / pending port / fire_count port (upcalls and fires so far)
   exit (kernel returns: poweroff) / crash (process exits without a word)
 """
@@ -34,6 +37,7 @@ import trio
 import zmq
 
 from domains.kernel.boot import Kernel, boot
+from ipc.event_abi import NR_EVENT_CHANNELS, SEND_BASE
 from ipc.page import map_frame
 
 
@@ -189,6 +193,18 @@ async def _do(k: Kernel, cmd: dict, pages, maps, ports):
     if op == "notify":
         await ports[cmd["port"]].notify()
         return None
+    if op == "notify_nowait":
+        ports[cmd["port"]].notify_nowait()
+        return None
+    if op == "doorbell_raw":
+        # Send requests for any port numbers at all, then one ring of the doorbell.
+        for port in cmd["ports"]:
+            k.events.shared_info.request_send(port)
+        os.eventfd_write(k.events.doorbell_fd, 1)
+        return None
+    if op == "send_requests":
+        si = k.events.shared_info
+        return [p for p in range(NR_EVENT_CHANNELS) if si.buf[SEND_BASE + p]]
     if op == "wait":
         with trio.fail_after(cmd.get("timeout", 5)):
             await ports[cmd["port"]].wait()

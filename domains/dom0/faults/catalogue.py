@@ -145,13 +145,13 @@ CATALOGUE: list[FaultType] = [
               defaults={"delay": 0.02, "duration": 0.3}, campaign=8),
     # -- control ---------------------------------------------------------------------
     FaultType("control", "hypercall-corrupt", "point", "any",
-              "Garble the bytes of fire-and-forget hypercall messages (event sends) for "
-              "`duration` seconds.",
-              "the hypervisor refuses the message and logs it; the lost notification "
+              "Garble the port number of fire-and-forget event sends (the doorbell's "
+              "requests) for `duration` seconds.",
+              "the hypervisor refuses the send and logs it; the lost notification "
               "costs the peer a stall check", point="hypercall.nowait", action="corrupt-args",
               defaults={"prob": 0.5, "duration": 0.3}, campaign=5),
     FaultType("control", "hypercall-drop", "point", "any",
-              "Drop fire-and-forget hypercall messages with probability `prob` for "
+              "Drop fire-and-forget event sends with probability `prob` for "
               "`duration` seconds.", "as a dropped notification: delay",
               point="hypercall.nowait", action="drop", defaults={"prob": 0.5, "duration": 0.3},
               campaign=5),
