@@ -1,11 +1,12 @@
-"""netif_backend's staging reserve: a vif's staging pages are asked of the
-hypervisor once, when the vif is probed, and serve every connection after."""
+"""netback's staging pages: asked of the domain's memory only when a batch
+needs them, growing by doubling up to the limit, kept until released."""
 
 from __future__ import annotations
 
 import trio
 
-from domains.driverdom.netif_backend import StagingReserve
+from domains.driverdom.netback import Staging
+from ipc.page import PAGE_SIZE
 
 
 class _Memory:
@@ -25,49 +26,42 @@ class _Memory:
         self.freed += pages
 
 
-def test_connections_reuse_the_pages_reserved_at_probe() -> None:
+def test_pages_are_taken_on_demand_doubling_up_to_the_limit() -> None:
     async def main() -> None:
         mem = _Memory()
-        r = StagingReserve(mem, 64)
-        async with trio.open_nursery() as nursery:
-            r.start(nursery)
-            r.start(nursery)                      # once only
-            first = await r.alloc(64)             # waits for the fill, asks nothing more
-        assert mem.allocs == [64] and first == list(range(64))
-        await r.free(first)                       # the connection closed
-        again = await r.alloc(64)
-        assert again == first and mem.allocs == [64]
-        more = await r.alloc(8)                   # beyond the reserve: the memory as before
-        assert mem.allocs == [64, 8] and len(more) == 8
-        await r.free(again + more)
-        await r.release()
-        assert sorted(mem.freed) == list(range(72)) and r.pages == []
+        s = Staging(mem, 32, [])
+        assert s.pages == [] and s.take(100) is None      # nothing held before a batch
+        await s.reserve(1)
+        await s.reserve(1)                                # held: asks nothing more
+        assert mem.allocs == [1]
+        await s.reserve(3)                                # at least what is asked ...
+        assert mem.allocs == [1, 2] and len(s.pages) == 3
+        await s.reserve(4)                                # ... or twice what is held
+        await s.reserve(5)
+        assert mem.allocs == [1, 2, 3] and len(s.pages) == 6
+        await s.reserve(1000)                             # never past the limit
+        assert len(s.pages) == 32 and mem.allocs[-1] == 26
+        await s.release()
+        assert sorted(mem.freed) == list(range(32)) and s.pages == []
     trio.run(main)
 
 
-def test_a_failed_fill_leaves_connect_to_ask_the_memory_itself() -> None:
-    class Refusing(_Memory):
-        async def alloc(self, nr: int) -> list:
-            if not self.allocs:
-                self.allocs.append(-nr)
-                raise OSError("ENOMEM")
-            return await super().alloc(nr)
-
+def test_a_batch_bumps_through_the_pages_and_never_crosses_one() -> None:
     async def main() -> None:
-        mem = Refusing()
-        r = StagingReserve(mem, 64)
-        async with trio.open_nursery() as nursery:
-            r.start(nursery)
-        assert len(await r.alloc(64)) == 64 and mem.allocs == [-64, 64]
-        await r.release()
-        assert mem.freed == []
+        s = Staging(_Memory(), 32, [])
+        await s.reserve(2)
+        s.reset()
+        assert s.take(1400) == (0, 0) and s.take(1400) == (0, 1400)
+        assert s.take(1400) == (1, 0)                     # would cross the page: next one
+        assert s.take(PAGE_SIZE) is None                  # the batch is full
     trio.run(main)
 
 
-def test_a_reserve_never_started_is_the_memory_itself() -> None:
+def test_a_reserve_cancelled_midway_keeps_the_pages_it_was_given() -> None:
     async def main() -> None:
         mem = _Memory()
-        r = StagingReserve(mem, 64)
-        assert len(await r.alloc(64)) == 64 and mem.allocs == [64]
-        await r.release()                         # nothing held, nothing waited for
+        s = Staging(mem, 32, [])
+        with trio.move_on_after(0.001):
+            await s.reserve(4)
+        assert len(s.pages) == 4 and mem.allocs == [4]    # not lost to the cancellation
     trio.run(main)

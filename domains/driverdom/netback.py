@@ -65,6 +65,7 @@ Where this differs from Xen
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ from typing import Any, Callable, Protocol
 import trio
 
 from domains.kernel import faultpoint
+from domains.kernel.xenbus import gather
 from ipc.grant_abi import GNTCOPY_dest_gref, GNTCOPY_source_gref, GNTST_okay
 from ipc.netif import (NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, NETRXF_more_data,
                        NETTXF_extra_info, NETTXF_more_data, PAGE_SIZE, RX_ENTRY_SIZE,
@@ -149,15 +151,45 @@ class Kick:
 
 
 class Staging:
-    """A run of this domain's own pages used as a bump allocator for one batch.
+    """One direction's pages of a vif, used as a bump allocator for one batch.
+
+    A grant copy moves packet data between the guest's granted pages and
+    pages of *ours* the hypervisor knows by gfn, so these must be real
+    frames.  They are asked of the domain's memory only when a batch needs
+    them (:meth:`reserve`), growing by doubling up to ``limit``, and kept for
+    later batches until :meth:`release`.  A vif starts with a few pages per
+    direction (``Netback.STAGING_FIRST``), enough for its first packets; one
+    that only ever carries pings keeps it at that, a busy one reaches
+    ``limit`` within a few batches.  Taking them all at connect time instead made every
+    (re)connection of a vif a 64-frame populate_physmap: when a driver
+    domain is re-created, eight vifs did that at once, on the handshake's
+    critical path.
 
     Fragments never cross a page boundary (a grant copy cannot), so a fragment
     that does not fit in what is left of a page starts the next one.
     """
 
-    def __init__(self, pages: list[Any]) -> None:
+    def __init__(self, memory: StagingMemory, limit: int, pages: list[Any]) -> None:
+        self.memory = memory
+        self.limit = limit
         self.pages = pages
         self.reset()
+
+    async def reserve(self, nr: int) -> None:
+        """Hold at least ``min(nr, limit)`` pages."""
+        nr = min(nr, self.limit)
+        if len(self.pages) >= nr:
+            return
+        grow = min(self.limit, max(nr, 2 * len(self.pages))) - len(self.pages)
+        # Shielded: frames the hypervisor made for us must not be lost to a
+        # cancellation between its reply and our bookkeeping.
+        with trio.CancelScope(shield=True):
+            self.pages += await self.memory.alloc(grow)
+
+    async def release(self) -> None:
+        pages, self.pages = self.pages, []
+        if pages:
+            await self.memory.free(pages)
 
     def reset(self) -> None:
         self._page = 0
@@ -209,24 +241,27 @@ class Netback:
     with :meth:`deliver`, and end with :meth:`close`.
     """
 
-    #: Staging pages per direction: a batch copies at most this many pages' worth.
+    #: Staging pages per direction at most: a batch copies at most this many pages' worth.
     STAGING_PAGES = 32
+    #: ... and at first: enough for the packets a reconnection replays and the
+    #: bridge has queued, so that the first batches wait for no populate.
+    STAGING_FIRST = 4
     rx_queue_max = 1024
 
     def __init__(self, name: str, grants: Grants, memory: StagingMemory, frontend_domid: int,
                  ring_maps: list[Any], tx_port: EventPort, rx_port: EventPort,
-                 tx_staging: list[Any], rx_staging: list[Any]) -> None:
+                 first_pages: list[Any]) -> None:
         self.name = name
         self.grants = grants
-        self.memory = memory
         self.frontend_domid = frontend_domid
         self._ring_maps = ring_maps
         self.tx = BackRing(ring_maps[0].map, TX_ENTRY_SIZE)
         self.rx = BackRing(ring_maps[1].map, RX_ENTRY_SIZE)
         self.tx_port = tx_port
         self.rx_port = rx_port
-        self._tx_staging = Staging(tx_staging)
-        self._rx_staging = Staging(rx_staging)
+        half = len(first_pages) // 2
+        self._tx_staging = Staging(memory, self.STAGING_PAGES, first_pages[:half])
+        self._rx_staging = Staging(memory, self.STAGING_PAGES, first_pages[half:])
         self.rx_queue: deque[bytes] = deque()
         self._tx_kick = Kick()
         self._rx_kick = Kick()
@@ -251,20 +286,27 @@ class Netback:
         ``port`` is the bound event channel (``event-channel``); pass
         ``rx_port`` too when the frontend uses split channels
         (``event-channel-tx``/``-rx``).  Raises the grant error if a ring
-        reference cannot be mapped, with nothing left mapped.
+        reference cannot be mapped, with nothing left mapped.  The rings and
+        a first staging page for each direction are asked for at once.
         """
-        maps = await grants.map_many([(frontend_domid, tx_ring_ref),
-                                      (frontend_domid, rx_ring_ref)])
+        maps: list[Any] = []
+        pages: list[Any] = []
+
+        async def map_rings() -> None:
+            maps.extend(await grants.map_many([(frontend_domid, tx_ring_ref),
+                                               (frontend_domid, rx_ring_ref)]))
+
+        async def first_pages() -> None:
+            pages.extend(await memory.alloc(2 * cls.STAGING_FIRST))
         try:
-            staging = await memory.alloc(2 * cls.STAGING_PAGES)
-            try:
-                return cls(name, grants, memory, frontend_domid, maps, port, rx_port or port,
-                           staging[:cls.STAGING_PAGES], staging[cls.STAGING_PAGES:])
-            except BaseException:
-                await memory.free(staging)
-                raise
+            await gather([map_rings, first_pages])
+            return cls(name, grants, memory, frontend_domid, maps, port, rx_port or port, pages)
         except BaseException:
-            await grants.unmap_many(maps)
+            with trio.CancelScope(shield=True):
+                if maps:
+                    await grants.unmap_many(maps)
+                if pages:
+                    await memory.free(pages)
             raise
 
     async def close(self) -> None:
@@ -279,7 +321,8 @@ class Netback:
             self.rx.release()
             maps, self._ring_maps = self._ring_maps, []
             await self.grants.unmap_many(maps)
-            await self.memory.free(self._tx_staging.pages + self._rx_staging.pages)
+            await self._tx_staging.release()
+            await self._rx_staging.release()
 
     def kick(self) -> None:
         """Wake both ring loops, as an event from the frontend would."""
@@ -460,8 +503,12 @@ class Netback:
         if not packets:
             return False
         await faultpoint.hit("netback.tx")
-        ops: list[dict[str, Any]] = []
         staging = self._tx_staging
+        # Each slot's fragment fits in one page: that many pages always suffice.
+        await staging.reserve(sum(len(p.requests) for p in packets if not p.problem))
+        if not self.connected:
+            return False
+        ops: list[dict[str, Any]] = []
         staging.reset()
         for pkt in packets:
             if pkt.problem:
@@ -541,6 +588,10 @@ class Netback:
             return False
         available = self.rx.unconsumed_requests()
         staging = self._rx_staging
+        await staging.reserve(sum(_slots_for(len(f)) for f in itertools.islice(
+            self.rx_queue, self.STAGING_PAGES)))
+        if not self.rx_queue or not self.connected:
+            return False
         staging.reset()
         ops: list[dict[str, Any]] = []
         plan: list[tuple[int, list[tuple[NetifRxRequest, int]]]] = []   # (length, [(req, op)])

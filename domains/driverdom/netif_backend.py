@@ -79,65 +79,6 @@ class Bridges:
         return bridge
 
 
-class StagingReserve:
-    """A vif's staging pages, allocated when it is probed rather than when it connects.
-
-    :class:`~domains.driverdom.netback.Netback` copies every packet through
-    staging pages of its own (``2 * STAGING_PAGES``), which it asks its
-    memory for when it connects and gives back when it closes.  Asked of the
-    hypervisor at connect time, they are a populate_physmap of 64 frames on
-    the critical path of every (re)connection, and when a driver domain is
-    re-created, eight vifs ask at once.  This stands in for that memory: it
-    fills itself in the background once the vif has published InitWait
-    (while the frontend does its half of the handshake; before that the
-    hypervisor's time goes to the probes of the other vifs), hands the same
-    pages to each connection of the vif, and gives them back to the hypervisor only
-    when the vif's backend ends (:meth:`release`).  A request it cannot
-    serve from what it holds goes to the domain's memory as before.
-    """
-
-    def __init__(self, memory, nr: int) -> None:
-        self.memory = memory
-        self.nr = nr
-        self.pages: list = []
-        self.filled = trio.Event()
-        self.started = False
-
-    def start(self, nursery: trio.Nursery) -> None:
-        """Fill in the background, once (later calls do nothing)."""
-        if not self.started:
-            self.started = True
-            nursery.start_soon(self.fill)
-
-    async def fill(self) -> None:
-        try:
-            self.pages = await self.memory.alloc(self.nr)
-        except Exception as exc:           # e.g. out of memory: connect asks again itself
-            log.warning("cannot reserve %d staging pages: %s", self.nr, exc)
-        finally:
-            self.filled.set()
-
-    async def alloc(self, nr: int) -> list:
-        if not self.started:
-            return await self.memory.alloc(nr)
-        await self.filled.wait()
-        if nr > len(self.pages):
-            return await self.memory.alloc(nr)
-        taken, self.pages = self.pages[:nr], self.pages[nr:]
-        return taken
-
-    async def free(self, pages: list) -> None:
-        self.pages.extend(pages)
-
-    async def release(self) -> None:
-        """Give every page held back to the hypervisor."""
-        if self.started:
-            await self.filled.wait()
-        pages, self.pages = self.pages, []
-        if pages:
-            await self.memory.free(pages)
-
-
 class VifRefused(Exception):
     """This vif cannot be served; the message says why (it goes to ``error``)."""
 
@@ -157,7 +98,6 @@ class NetifBackend:
         self.bridges = bridges
         self.path = path
         self.netback: Netback | None = None
-        self.staging = StagingReserve(k.memory, 2 * Netback.STAGING_PAGES)
 
     async def run(self) -> None:
         xs, path = self.xs, self.path
@@ -176,15 +116,9 @@ class NetifBackend:
             ("feature-rx-copy", 1), ("feature-rx-flip", 0), ("feature-sg", 1),
             ("feature-gso-tcpv4", 0), ("feature-multicast-control", 0))))
         log.info("%s: %s for d%d on bridge %s", path, name, fe_id, bridge_name)
-        try:
-            async with trio.open_nursery() as nursery:
-                await backend_handshake(
-                    xs, path, fe_path,
-                    lambda: self._connect_and_serve(fe_path, fe_id, name, bridge_name),
-                    VifRefused, log, on_initwait=lambda: self.staging.start(nursery))
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.staging.release()
+        await backend_handshake(
+            xs, path, fe_path, lambda: self._connect_and_serve(fe_path, fe_id, name, bridge_name),
+            VifRefused, log)
 
     async def _fail(self, why: str) -> None:
         await backend_fail(self.xs, self.path, why, log)
@@ -212,7 +146,7 @@ class NetifBackend:
         attached = False
         try:
             try:
-                nb = await Netback.connect(k.grants, self.staging, fe_id, tx_ref, rx_ref, port,
+                nb = await Netback.connect(k.grants, k.memory, fe_id, tx_ref, rx_ref, port,
                                            name=name)
             except GrantError as exc:
                 raise VifRefused(f"cannot map tx-ring-ref {tx_ref}/rx-ring-ref {rx_ref} "
@@ -279,4 +213,4 @@ async def serve(k: "Kernel", xs, bridges: Bridges, path: str) -> None:
     await NetifBackend(k, xs, bridges, path).run()
 
 
-__all__ = ["Bridges", "NetifBackend", "StagingReserve", "serve", "DEFAULT_BRIDGE"]
+__all__ = ["Bridges", "NetifBackend", "serve", "DEFAULT_BRIDGE"]

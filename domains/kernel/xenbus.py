@@ -526,13 +526,9 @@ async def backend_fail(xs, path: str, why: str, logger: logging.Logger = log) ->
 async def backend_handshake(xs, path: str, fe_path: str,
                             connect_and_serve: Callable[[], Awaitable[None]],
                             refused: type[Exception] | tuple[type[Exception], ...],
-                            logger: logging.Logger = log,
-                            on_initwait: Callable[[], None] | None = None) -> None:
+                            logger: logging.Logger = log) -> None:
     """The backend's half of the handshake, for as many connections as the
     frontend makes.
-
-    ``on_initwait()``, if given, is called each time InitWait is published:
-    the moment to start set-up that can overlap the frontend's half.
 
     InitWait; wait for the frontend's Initialised; ``connect_and_serve()``
     (which switches to Connected and returns when the connection ends);
@@ -547,8 +543,6 @@ async def backend_handshake(xs, path: str, fe_path: str,
     """
     while True:
         await switch_state(xs, path, XenbusState.InitWait)
-        if on_initwait is not None:
-            on_initwait()
         # Connect only on Initialised: a frontend still showing Connected is
         # talking about a ring from before (a previous backend's).
         await wait_until(xs, [f"{fe_path}/state"],
