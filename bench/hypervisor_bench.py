@@ -23,12 +23,13 @@ baselines measured in the same run:
     switch per notify, and the hypervisor sends one more message; on two cores
     shared by three busy processes that CPU time is latency. The ponger also
     cannot wait for the next ping until its reply arrived.
-  - ``port.notify_nowait()`` does not use the channel at all: it sets the
-    port's send-request byte in shared_info and writes the domain's doorbell
-    eventfd, and returns, as Linux's notify_remote_via_evtchn does not wait
-    for anything either. The hypervisor serves the request with the same
-    checks and answers nothing. A round trip is then two doorbells and two
-    upcalls: four eventfd writes, no ZeroMQ message at all.
+  - ``port.notify_nowait()`` does not use the channel at all: it writes a
+    byte down the port's line, the write end of the peer port's pipe that
+    the hypervisor handed over at binding (the pinger's end, which
+    allocated the port, first sends by the doorbell and fetches its line
+    during the warm-up), and returns, as Linux's notify_remote_via_evtchn
+    does not wait for anything either. A round trip is two pipe writes and
+    two wake-ups; the hypervisor process is not involved.
 
   Then the same, pinned: ``..._same_cpu_p50`` (hypervisor and both guests on
   one CPU) and ``..._cross_cpu_p50`` (every hop crosses CPUs), against the

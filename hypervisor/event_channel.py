@@ -8,13 +8,39 @@ event only says "look".  Ports are also how the hypervisor raises virtual IRQs
 (VIRQ_DOM_EXC tells dom0 that some domain changed state).
 
 Operations (EVTCHNOP_*): alloc_unbound, bind_interdomain, bind_virq, send,
-close, status, unmask.  Port 0 is never handed out, as in Xen.  `send` also
+close, status, unmask, and `line` (ours: see below).  Port 0 is never handed
+out, as in Xen.  `send` also
 has a fast path, the doorbell: a domain sets send-request bytes in its
 shared_info and writes an eventfd; `doorbell` serves them with the same checks
 (see ipc/event_abi.py for why it exists).
 
+Lines: sending without this process at all
+    In Xen a send runs hypervisor code on the sender's own vCPU; nothing
+    else has to be scheduled before the receiver is woken.  Here the
+    hypervisor is a process, and relaying a notification costs a wake-up of
+    it between the two domains: half of every event-channel round trip.  So
+    each port can have a *line*, a pipe the hypervisor makes: its read end is
+    the right to be woken on that port, its write end the right to wake it.
+    The owner gets both ends (the write end to forward what the hypervisor
+    raised through shared_info, so that one descriptor wakes it), and the
+    domain bound to it, its write end only: the kernel's pipe then carries
+    the notification straight from one domain to the other.  The hypervisor
+    hands a write end out only where it would accept the send itself, when
+    it binds the channel or when the owner of a bound port asks (`line`),
+    so the check is made once, at binding, not per send: the pipe is a
+    capability.
+
+    Where this differs from Xen: a capability cannot be taken back.  A
+    domain that closed its end still holds the peer port's write end and may
+    poke that port until its owner closes it (the pipe then has no reader,
+    and writes fail); a spurious notification, which every ring absorbs.  A
+    write end can only write: a holder cannot swallow the owner's events.
+    And a line does not look at the port's mask: masking governs only what
+    this process raises (nothing here masks a bound port).
+
 Invariants kept here:
-- a domain sends only on ports it owns, and only to the peer it bound;
+- a domain sends only on ports it owns, and only to the peer it bound (a
+  line's write end is handed out under the same rule);
 - a port is bound interdomain only if the remote end was allocated for this
   caller (alloc_unbound's remote_dom), so nobody can attach to a port meant for
   someone else;
@@ -27,6 +53,7 @@ Invariants kept here:
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +75,19 @@ class Port:
     remote_dom: int = -1     # unbound: who may bind; interdomain: the peer
     remote_port: int = 0
     virq: int = -1
+    line: tuple[int, int] | None = None   # (read end, write end), made when first asked for
+
+    def ends(self) -> tuple[int, int]:
+        """The port's line, made now if it has none."""
+        if self.line is None:
+            self.line = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        return self.line
+
+    def cut_line(self) -> None:
+        if self.line is not None:
+            for fd in self.line:
+                os.close(fd)
+            self.line = None
 
 
 class PortTable:
@@ -93,7 +133,9 @@ def alloc_unbound(hv: "Hypervisor", caller: "Domain", args: dict) -> dict:
         raise HypercallError(errno.EINVAL, "alloc_unbound: remote_dom must be a domid")
     port = hv.evtchn[dom.domid].allocate(Port(EVTCHNSTAT_unbound, remote_dom=remote))
     dom.shared_info.reset_port(port)
-    return {"port": port}
+    if dom is not caller:
+        return {"port": port}     # the toolstack builds a guest: the owner asks for its line
+    return _with_line(hv, caller, port)
 
 
 def bind_interdomain(hv: "Hypervisor", caller: "Domain", args: dict) -> dict:
@@ -116,7 +158,7 @@ def bind_interdomain(hv: "Hypervisor", caller: "Domain", args: dict) -> dict:
     rport.state, rport.remote_port = EVTCHNSTAT_interdomain, local
     # Xen raises the local port once bound, so neither side can miss an early send.
     _raise(hv, caller, local)
-    return {"local_port": local}
+    return _with_line(hv, caller, local, {"local_port": local})
 
 
 def bind_virq(hv: "Hypervisor", caller: "Domain", args: dict) -> dict:
@@ -131,7 +173,41 @@ def bind_virq(hv: "Hypervisor", caller: "Domain", args: dict) -> dict:
     port = table.allocate(Port(EVTCHNSTAT_virq, virq=virq))
     caller.shared_info.reset_port(port)
     table.virqs[virq] = port
-    return {"port": port}
+    return _with_line(hv, caller, port)
+
+
+def line(hv: "Hypervisor", caller: "Domain", args: dict) -> Any:
+    """A port's line for its owner: both ends, and the peer port's write end
+    if the port is bound interdomain (``send`` says whether it came)."""
+    portno = args.get("port")
+    hv.evtchn[caller.domid].get(portno)
+    return _with_line(hv, caller, portno)
+
+
+def _with_line(hv: "Hypervisor", caller: "Domain", portno: int,
+               result: dict | None = None) -> Any:
+    """``result`` (by default ``{"port": portno}``) with the port's line attached:
+    descriptors [read end, write end] and, for a bound port, the peer's write end."""
+    from hypervisor.broker import WithFds
+    port = hv.evtchn[caller.domid].ports[portno]
+    fds = list(port.ends())
+    peer = _peer_port(hv, port)
+    if peer is not None:
+        fds.append(peer.ends()[1])
+    out = dict(result) if result is not None else {"port": portno}
+    out["send"] = peer is not None
+    return WithFds(out, fds)
+
+
+def _peer_port(hv: "Hypervisor", port: Port) -> Port | None:
+    """The live far end of an interdomain port, if there is one."""
+    if port.state != EVTCHNSTAT_interdomain:
+        return None
+    peer = hv.domains.get(port.remote_dom)
+    table = hv.evtchn.get(port.remote_dom)
+    if peer is None or not peer.alive or table is None:
+        return None
+    return table.ports.get(port.remote_port)
 
 
 def send(hv: "Hypervisor", caller: "Domain", args: dict) -> None:
@@ -177,6 +253,7 @@ def close_port(hv: "Hypervisor", dom: "Domain", portno: Any, notify_peer: bool) 
                 _raise(hv, peer, port.remote_port)
     elif port.state == EVTCHNSTAT_virq:
         table.virqs.pop(port.virq, None)
+    port.cut_line()
     del table.ports[portno]
 
 
@@ -236,4 +313,5 @@ OPS = {
     "close": close,
     "status": status,
     "unmask": unmask,
+    "line": line,
 }

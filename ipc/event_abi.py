@@ -21,7 +21,9 @@ exactly as the hypercall would, checks and all.  It is a batched hypercall in
 the spirit of Xen's multicall: arguments in memory, one trap for however many
 requests piled up.  (Xen has no such page; its send is one hypercall per
 notification, because a trap there costs a few hundred cycles, and a message
-here costs tens of microseconds.)
+here costs tens of microseconds.)  Most sends do not even take the doorbell:
+a bound port's line carries them straight to the peer (see
+hypervisor/event_channel.py); the doorbell serves the rest.
 
 Where this differs from Xen, and why: Xen packs pending and mask as bits and
 updates them with atomic instructions.  Python has no atomic read-modify-write

@@ -114,13 +114,65 @@ def test_sending_on_a_port_the_caller_does_not_own_is_refused(shared_hv):
     assert a.do("fire_count", port=pa) == before   # nothing reached the real owner
 
 
-def test_a_doorbell_send_rings_the_peer_as_the_hypercall_does(shared_hv):
+def test_a_send_without_an_answer_rings_the_peer_as_the_hypercall_does(shared_hv):
     a, pa, b, pb = connect(shared_hv)
-    a.do("notify_nowait", port=pa)
+    a.do("notify_nowait", port=pa)         # by the doorbell: a's line has no send end yet
     assert b.do("wait", port=pb) is True
-    b.do("notify_nowait", port=pb)
+    b.do("notify_nowait", port=pb)         # down b's line: binding gave it a's write end
     assert a.do("wait", port=pa) is True
     assert a.do("send_requests") == [] and b.do("send_requests") == []   # each one served
+
+
+def _with_lines(h):
+    """Two connected guests whose ports both hold a whole line."""
+    a, pa, b, pb = connect(h)
+    assert b.do("lines", port=pb) == {"recv": True, "send": True}   # given at binding
+    assert a.do("lines", port=pa) == {"recv": True, "send": False}  # unbound when made
+    a.do("notify_nowait", port=pa)         # the doorbell rings, and the line is asked for
+    assert b.do("wait", port=pb) is True
+    wait_for(lambda: a.do("lines", port=pa)["send"], what="a's send end")
+    return a, pa, b, pb
+
+
+def test_a_bound_port_rings_its_peer_down_its_line_while_the_hypervisor_is_stopped(shared_hv):
+    """Once the hypervisor has handed out the line, a notification needs no
+    hypervisor process at all: it arrives with the hypervisor SIGSTOPped."""
+    import os
+    import signal
+    h = shared_hv
+    a, pa, b, pb = _with_lines(h)
+    os.kill(h.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: proc_state(h.proc.pid) == "T", what="the hypervisor to stop")
+        a.do("notify_nowait", port=pa)
+        assert b.do("wait", port=pb, timeout=2) is True
+        b.do("notify_nowait", port=pb)
+        assert a.do("wait", port=pa, timeout=2) is True
+    finally:
+        os.kill(h.proc.pid, signal.SIGCONT)
+    assert a.do("send_requests") == [] and b.do("send_requests") == []   # no doorbell used
+
+
+def test_the_hypervisor_hands_out_a_send_end_only_for_a_bound_port(shared_hv):
+    a, b, c = guest(shared_hv), guest(shared_hv), guest(shared_hv)
+    pa = a.do("alloc_unbound", remote_dom=b.domid)
+    got = a.do("hypercall", hypercall="event_channel_op", cmd="line", args={"port": pa})
+    assert got == {"port": pa, "send": False}   # nobody bound yet: nothing to ring
+    for port in (pa, 0, 999, "x"):              # c holds no port: no line of any kind
+        refused(errno.EINVAL, evtchn, c, "line", port=port)
+
+
+def test_a_line_to_a_closed_port_falls_back_to_the_hypervisor_which_refuses_nothing(shared_hv):
+    """b closes its port: a's write end has no reader left, so a's next send
+    goes by the doorbell, where a send on an unbound port is a no-op."""
+    h = shared_hv
+    a, pa, b, pb = _with_lines(h)
+    b.do("close_port", port=pb)
+    assert evtchn(a, "status", port=pa) == {"status": EVTCHNSTAT_unbound, "remote_dom": b.domid}
+    a.do("notify_nowait", port=pa)
+    wait_for(lambda: not a.do("lines", port=pa)["send"], what="a to drop the dead end")
+    wait_for(lambda: a.do("send_requests") == [], what="the doorbell to be served")
+    assert not any(f"d{a.domid}: event send refused" in line for line in h.dmesg())
 
 
 def test_a_port_requested_many_times_before_a_ring_is_sent_once(shared_hv):

@@ -183,12 +183,17 @@ class _Blocking:
                 return msg
 
     def send_nowait(self, port: Port) -> None:
-        """The doorbell, by hand: a send request in shared_info and one eventfd write."""
+        """By hand: down the port's line if it has one, else the doorbell
+        (a send request in shared_info and one eventfd write)."""
+        if port.send_w >= 0:
+            os.write(port.send_w, b"\1")
+            return
         self.shared_info.request_send(port.port)
         os.eventfd_write(self.doorbell, 1)
 
     def wait_port(self, port: Port) -> None:
-        """Block on the upcall line until an upcall shows ``port`` pending.
+        """Block until ``port`` is signalled: on its line if it has one, else
+        on the upcall line until an upcall shows it pending.
 
         An event the library's reader saw before this loop took over is still
         latched in the Port: consume that first, or we would wait for an
@@ -196,6 +201,12 @@ class _Blocking:
         """
         if port.fired():
             return
+        if port.line_r >= 0:
+            while True:
+                if not select.select([port.line_r], [], [], self.timeout_ms / 1000)[0]:
+                    raise TimeoutError(f"nothing on the line of port {port.port}")
+                if port.fired():
+                    return
         line, si, number = self.hv.upcall_fd, self.shared_info, port.port
         while True:
             if not select.select([line], [], [], self.timeout_ms / 1000)[0]:

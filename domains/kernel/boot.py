@@ -118,6 +118,7 @@ async def _start(start, sock, fdsock, shared_info, table, main: Main,
     events.hv = hv
     code = 0
     async with trio.open_nursery() as nursery:
+        events.nursery = nursery
         nursery.start_soon(hv.run)
         info, frame_fds = await hv.call_fds("boot", "start_info")
         memory = Memory(hv)

@@ -326,7 +326,7 @@ def intercept_send(port: Any) -> bool:
     if f.action == "drop":
         return True
     if f.action == "duplicate":
-        port.events.send_nowait(port.port)
+        port.events.send_nowait(port)
         return False
     if f.action == "delay" and _agent is not None:
         _agent.k.nursery.start_soon(_late_send, port, f.delay)
@@ -337,7 +337,7 @@ def intercept_send(port: Any) -> bool:
 async def _late_send(port: Any, delay: float) -> None:
     await trio.sleep(delay)
     if not port.closed:
-        port.events.send_nowait(port.port)
+        port.events.send_nowait(port)
 
 
 # -- the agent: arming from XenStore ----------------------------------------------------

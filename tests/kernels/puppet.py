@@ -18,7 +18,8 @@ Commands (op, then its fields):
   map_fd_writable dom ref        try to turn a read-only grant into write access
   steal_frames victim            try to open another domain's frames via the hypervisor's fds
   alloc_unbound / bind_interdomain / bind_virq / notify port / wait port / fired port
-  notify_nowait port             a send by the doorbell, through the kernel library
+  notify_nowait port             a send without an answer (line or doorbell), through the library
+  lines port / close_port port   which ends of its line the port holds / Port.close()
   doorbell_raw ports / send_requests   send requests for any port numbers, one ring;
                                  which request bytes are still set
   mask port [masked] / pending port / fire_count port (upcalls and fires so far)
@@ -192,6 +193,12 @@ async def _do(k: Kernel, cmd: dict, pages, maps, ports):
         return None
     if op == "notify":
         await ports[cmd["port"]].notify()
+        return None
+    if op == "lines":
+        port = ports[cmd["port"]]
+        return {"recv": port.line_r >= 0, "send": port.send_w >= 0}
+    if op == "close_port":
+        await ports.pop(cmd["port"]).close()
         return None
     if op == "notify_nowait":
         ports[cmd["port"]].notify_nowait()
