@@ -37,7 +37,7 @@ def test_transfers_read_and_write_many_at_once(direct_file):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ctx.reap)
+            nursery.start_soon(ctx.run)
 
             async def one(i: int, is_read: bool) -> None:
                 v = memoryview(bufs[i])
@@ -75,7 +75,7 @@ def test_a_failed_transfer_is_an_error_for_its_caller_only(direct_file):
 
     async def main():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ctx.reap)
+            nursery.start_soon(ctx.run)
             with pytest.raises(OSError):            # not a descriptor: io_submit refuses
                 await ctx.transfer(999999, [(pin.addr, pin.len)], 0, True)
             with pytest.raises(OSError):            # misaligned for O_DIRECT: EINVAL
