@@ -102,6 +102,9 @@ _REQ_HEAD = struct.Struct("<BBH4xQQ")                   # 24 bytes
 _REQUEST_SIZE = _REQ_HEAD.size + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEGMENT.size
 _DISCARD = struct.Struct("<BBH4xQQQ")                   # 32 bytes
 _INDIRECT = struct.Struct("<BBH4xQQH2x8I")              # 60 bytes + 4 tail pad
+#: blkif_request_indirect's fields: operation, indirect_op, nr_segments, id,
+#: sector_number, handle, indirect_grefs[8] (for backends' own fast paths).
+INDIRECT_LAYOUT = _INDIRECT
 _INDIRECT_SIZE = 64
 _RESPONSE = struct.Struct("<QBxh4x")                    # 16 bytes
 

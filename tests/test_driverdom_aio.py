@@ -43,7 +43,7 @@ def test_transfers_read_and_write_many_at_once(direct_file):
                 v = memoryview(bufs[i])
                 halves = [aio.Pin(v[:4096]), aio.Pin(v[4096:])]
                 try:
-                    got = await ctx.transfer(fd, [(p.addr, p.len) for p in halves],
+                    got = await ctx.transfer(fd, b"".join(p.iovec for p in halves),
                                              i * 8192, is_read)
                 finally:
                     for p in halves:
@@ -77,10 +77,10 @@ def test_a_failed_transfer_is_an_error_for_its_caller_only(direct_file):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ctx.run)
             with pytest.raises(OSError):            # not a descriptor: io_submit refuses
-                await ctx.transfer(999999, [(pin.addr, pin.len)], 0, True)
+                await ctx.transfer(999999, pin.iovec, 0, True)
             with pytest.raises(OSError):            # misaligned for O_DIRECT: EINVAL
-                await ctx.transfer(fd, [(pin.addr + 1, 511)], 0, True)
-            assert await ctx.transfer(fd, [(pin.addr, pin.len)], 0, True) == 4096
+                await ctx.transfer(fd, aio.iovecs([(pin.addr + 1, 511)]), 0, True)
+            assert await ctx.transfer(fd, pin.iovec, 0, True) == 4096
             nursery.cancel_scope.cancel()
     trio.run(main)
     ctx.close()

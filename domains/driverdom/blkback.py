@@ -377,48 +377,69 @@ class Connection:
             self._idle = trio.Event()
 
     def _start_direct(self, raw: bytes) -> bool:
-        """O_DIRECT mode's common case, with no task: a read or write of whole
-        pages that are already persistently mapped (and pinned) goes to the
-        device at once and is answered from its AIO completion, as Linux's
-        blkback answers from a bio's end_io.  False for anything else (a
-        page seen for the first time, an indirect request, a request that
-        breaks a rule, a fault armed in this domain): :meth:`handle` serves
-        it, in a task of its own."""
+        """O_DIRECT mode's common case, with no task: a read or write (direct
+        or indirect) of whole pages that are already persistently mapped and
+        pinned goes to the device at once and is answered from its AIO
+        completion, as Linux's blkback answers from a bio's end_io.  False
+        for anything else (a page seen for the first time, part of a page, a
+        request that breaks a rule, a fault armed in this domain):
+        :meth:`handle` serves it, in a task of its own, and names any
+        problem."""
         if not faultpoint.quiet():
             return False
-        req = _decode_rw(raw)
-        back = self.back
-        if req is None or req.sector_number + req.nr_sectors > back.sectors \
-                or (req.operation == blkif.BLKIF_OP_WRITE and back.readonly):
-            return False
-        pins = self.page_pins
-        iov = []
-        for seg in req.segments:
-            pin = pins.get(seg.gref)
-            if pin is None or seg.first_sect or seg.last_sect != blkif.SECTORS_PER_PAGE - 1:
+        op = raw[0]
+        if op == blkif.BLKIF_OP_INDIRECT:
+            fields = blkif.INDIRECT_LAYOUT.unpack_from(raw)
+            op, nseg, rid, sector = fields[1:5]
+            if op > blkif.BLKIF_OP_WRITE or not 0 < nseg <= MAX_INDIRECT_SEGMENTS:
                 return False
-            iov.append((pin.addr, pin.len))
+            tables = [self.pgrants.get(g) for g in
+                      fields[6:6 + -(-nseg // blkif.SEGS_PER_INDIRECT_FRAME)]]
+            if None in tables:
+                return False
+            # A private copy, looked at once: the guest may rewrite its page.
+            f = blkif.segment_array(nseg).unpack_from(
+                b"".join(m.map[:blkif.PAGE_SIZE] for m in tables))
+        else:
+            nseg = raw[1]
+            if op > blkif.BLKIF_OP_WRITE or not 0 < nseg <= blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST:
+                return False
+            f = _RW_LAYOUT[nseg].unpack_from(raw)
+            rid, sector, f = f[3], f[4], f[5:]
+        # Whole pages only: every first_sect 0 and last_sect 7.
+        last = blkif.SECTORS_PER_PAGE - 1
+        if f[1::3].count(0) != nseg or f[2::3].count(last) != nseg:
+            return False
+        back = self.back
+        if sector + nseg * blkif.SECTORS_PER_PAGE > back.sectors \
+                or (op == blkif.BLKIF_OP_WRITE and back.readonly):
+            return False
+        grefs = f[0::3]
+        try:
+            iov = b"".join([self.page_pins[g].iovec for g in grefs])
+        except KeyError:
+            return False
         back.stats["requests"] += 1
-        self.aio.submit(back.fd, iov, req.sector_number * SECTOR,
-                        req.operation == blkif.BLKIF_OP_READ, partial(self._direct_done, req))
+        self.aio.submit(back.fd, iov, sector * SECTOR, op == blkif.BLKIF_OP_READ,
+                        partial(self._direct_done, op, rid, sector, grefs))
         return True
 
-    def _direct_done(self, req: "_RwRequest", res: int) -> None:
+    def _direct_done(self, op: int, rid: int, sector: int, grefs: tuple, res: int) -> None:
         """A :meth:`_start_direct` transfer is over: answer it."""
         status = blkif.BLKIF_RSP_OKAY
-        if res != req.nr_sectors * SECTOR:
+        if res != len(grefs) * blkif.PAGE_SIZE:
             try:
                 if res < 0:
                     raise OSError(-res, os.strerror(-res))
                 # Short: do it all again inline, as _do does.
-                _vector_io(self.back.fd, [self.page_views[s.gref] for s in req.segments],
-                           req.sector_number * SECTOR, req.operation == blkif.BLKIF_OP_READ)
+                _vector_io(self.back.fd, [self.page_views[g] for g in grefs],
+                           sector * SECTOR, op == blkif.BLKIF_OP_READ)
             except OSError as exc:
                 self.back.stats["errors"] += 1
-                log.warning("d%d: I/O error on request id=%d: %s", self.fe_id, req.id, exc)
+                log.warning("d%d: I/O error on request id=%d: %s", self.fe_id, rid, exc)
                 status = blkif.BLKIF_RSP_ERROR
         try:
-            self.ring.put_response(blkif.BlkifResponse(req.id, req.operation, status).pack())
+            self.ring.put_response(blkif.BlkifResponse(rid, op, status).pack())
             self._push()
         except RingError as exc:
             self._broken = f"disconnecting d{self.fe_id}: {exc}"
@@ -512,7 +533,7 @@ class Connection:
         # Linux AIO needs each buffer's address, so O_DIRECT mode pins them:
         # a persistent page once (page_pins), any other view for this request.
         use_aio = self.aio is not None and not any(m.readonly for m in maps)
-        iov: list[tuple[int, int]] = []
+        iov: list[bytes] = []           # packed struct iovec entries
         pins: list[aio.Pin] = []
         page_views = self.page_views
         try:
@@ -524,17 +545,18 @@ class Connection:
                         pin = self.page_pins.get(m.ref)
                         if pin is None:
                             pin = self.page_pins[m.ref] = aio.Pin(page_views[m.ref])
-                        iov.append((pin.addr, pin.len))
+                        iov.append(pin.iovec)
                     continue
                 v = memoryview(m.map)[seg.first_sect * SECTOR:(seg.last_sect + 1) * SECTOR]
                 made.append(v)
                 views.append(v)
                 if use_aio:
                     pins.append(aio.Pin(v))
-                    iov.append((pins[-1].addr, pins[-1].len))
+                    iov.append(pins[-1].iovec)
             pos = req.sector_number * SECTOR
             if use_aio:
-                if await self.aio.transfer(back.fd, iov, pos, is_read) != sum(map(len, views)):
+                if await self.aio.transfer(back.fd, b"".join(iov), pos, is_read) \
+                        != sum(map(len, views)):
                     _vector_io(back.fd, views, pos, is_read)    # short: do it all again inline
             else:
                 _vector_io(back.fd, views, pos, is_read)
