@@ -62,7 +62,13 @@ The data path
     In that mode reads and writes are queued on the device with Linux AIO
     (domains/driverdom/aio.py) and answered as they complete, so up to a
     ring's worth are in flight; flushes, barriers and discards wait until
-    every request taken before them is done.
+    every request taken before them is done.  Once a connection's pages are
+    persistently mapped, a read or write of whole pages (direct or
+    indirect) takes a fast lane with no task of its own: it is checked on
+    its unpacked fields, queued for the next ``io_submit`` as it is taken
+    off the ring, and answered from its completion callback (Linux's
+    end_io).  Everything else, and everything while a fault is armed in
+    this domain, takes the general path, which names what is wrong.
 
 Where this differs from Xen
     In page-cache mode requests are served one after another, in ring order
