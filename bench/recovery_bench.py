@@ -18,9 +18,9 @@ read the stamps afterwards: after the kill it leaves the system alone for
   until every guest is moving again.
 * ``recovery.netdom_{2,8}g_p50``/``_p99`` (ms): netdom killed while every guest
   pings its neighbour every 20 ms (50 ms timeout); per round, the time to the
-  first answered ping in every guest.  A ping needs both ends back, and one
-  lost in the gap is retried after its timeout, so the figure is quantised by
-  up to 50 ms.
+  first answered ping in every guest.  A ping needs both ends back; while
+  one is unanswered the guest sends another every 20 ms (as ``ping -i``
+  does), so the figure is quantised by up to 20 ms.
 
 The issue's target is a p50 under 150 ms.  Eight guests run only at full
 scale.  Nothing here is compared with a raw baseline, because nothing raw

@@ -12,9 +12,11 @@ What they do
     toolstack wrote in the vif's ``ip=``; both answer pings and ARP.
 
     * ``ping``: ping the peer every ``ping_interval`` seconds.  One *op* is one
-      ping answered.  An attempt that times out (``ping_timeout``) is retried
-      with the next sequence number and counted in ``ping_timeouts``, not as
-      an error: while the driver domain restarts, pings are delayed, not
+      ping answered.  While a ping is unanswered another goes every
+      ``ping_interval``, as Linux's ``ping -i`` does, each with the next
+      sequence number and each waiting ``ping_timeout`` for its reply; a
+      round in which all of them timed out counts in ``ping_timeouts``, not
+      as an error: while the driver domain restarts, pings are delayed, not
       failed.  No ping is sent while the vif has no backend (it would only
       wait in netfront); one in flight when the vif reconnects is sent again
       at once, and a reconnection during the pause between two pings ends
@@ -57,6 +59,7 @@ Configuration
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 import time
 from collections import deque
@@ -178,47 +181,70 @@ async def run(k, xs, console, udp: bool = True, prefix: str = "") -> None:
                             f"{', with UDP' if udp else ''}\n")
         seen_reconnects = 0
 
-        async def ping_or_reconnect(seq: int) -> float:
-            """One ping; but if the vif reconnects meanwhile, give up on it at
-            once.  A ping lost with a crashed driver domain is never answered,
-            and waiting out its timeout would hide how soon the new one served."""
+        seqs = itertools.count(1)
+
+        async def ping_or_reconnect() -> float:
+            """Ping until one is answered, as ``ping -i`` does: while none is,
+            another echo request goes every ``ping_interval`` (for as long as
+            ``ping_timeout``), each waiting ``ping_timeout`` for its reply;
+            TimeoutError once all have.  If the vif reconnects meanwhile, give
+            up on them at once (_Reconnected): a ping lost with a crashed
+            driver domain is never answered, and waiting out its timeout
+            would hide how soon the new one served."""
             c0 = vif.stats["connects"]
             rtt: float | None = None
             failed: OSError | None = None       # TimeoutError is one
+            reconnected = False
+            out = 0                              # pings sent and not yet timed out
+            sending = True
             async with trio.open_nursery() as nursery:
-                async def attempt() -> None:
-                    nonlocal rtt, failed
+                async def attempt(seq: int) -> None:
+                    nonlocal rtt, failed, out
                     try:
                         rtt = await stack.ping(peer, seq=seq, timeout=ping_timeout)
+                    except TimeoutError as exc:
+                        failed, out = failed or exc, out - 1
+                        if out or sending:
+                            return               # a later one may yet be answered
                     except OSError as exc:
                         failed = exc
                     nursery.cancel_scope.cancel()
 
+                async def sender() -> None:
+                    nonlocal out, sending
+                    for n in itertools.count(1):
+                        out += 1
+                        nursery.start_soon(attempt, next(seqs))
+                        if ping_interval <= 0 or n * ping_interval >= ping_timeout:
+                            break
+                        await trio.sleep(ping_interval)
+                    sending = False
+
                 async def reconnect() -> None:
+                    nonlocal reconnected
                     await vif.wait_reconnected(c0)
+                    reconnected = True
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(attempt)
+                nursery.start_soon(sender)
                 nursery.start_soon(reconnect)
-            if failed is not None:
-                raise failed
-            if rtt is None:
+            if rtt is not None:
+                return rtt
+            if reconnected:
                 raise _Reconnected
-            return rtt
+            raise failed or TimeoutError("ping: no answer")
 
         async def pinger() -> None:
             nonlocal seen_reconnects
-            seq = 0
             while True:
                 started = time.monotonic()
                 while True:
-                    seq += 1
                     if not vif.connected:
                         # A ping sent now would only wait in netfront for the
                         # next backend: send it when the vif is back.
                         with trio.move_on_after(max(0.0, started + give_up - time.monotonic())):
                             await vif.wait_connected()
                     try:
-                        rtt = await ping_or_reconnect(seq)
+                        rtt = await ping_or_reconnect()
                     except _Reconnected:
                         continue        # the new backend is up: ask again now
                     except TimeoutError:
