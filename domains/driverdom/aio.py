@@ -57,7 +57,6 @@ IOCB_CMD_PWRITEV = 8
 IOCB_FLAG_RESFD = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_ONE = ctypes.c_long(1)
 _libc.syscall.restype = ctypes.c_long
 
 
