@@ -32,14 +32,15 @@ on_crash = "restart"
 
 
 def guest(name: str, workload: str = "disk", disk: bool = True, kernel: str = "domu",
-          extra: str = "") -> str:
+          extra: str = "", direct: bool = False) -> str:
+    """A guest's xl.cfg; ``direct`` marks its disk ``direct-io-safe`` (O_DIRECT in blkback)."""
     text = f'name = "{name}"\ntype = "pv"\nkernel = "{kernel}"\nmemory = 64\n' \
            f'workload = "{workload}"\non_crash = "destroy"\n'
     if extra:
         text += f'extra = "{extra}"\n'
     if disk:
         text += (f'disk = ["format=raw, vdev=xvda, access=rw, backend=blkdom, '
-                 f'target=disks/{name}.img?size=16M"]\n')
+                 f'{"direct-io-safe, " if direct else ""}target=disks/{name}.img?size=16M"]\n')
     return text
 
 
