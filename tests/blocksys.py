@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "domains", "dom0", "configs")
@@ -167,6 +168,18 @@ class System:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def running(configs: dict[str, str], **kwargs) -> Iterator[System]:
+    """A pytest fixture's body: the system up, yielded, then stopped (which
+    checks that no process or socket was left behind) and its run directory
+    removed.  ``yield from running({...})``."""
+    s = System(configs, **kwargs).up()
+    try:
+        yield s
+    finally:
+        s.down()
+        s.cleanup()
 
 
 def _alive(pid: int) -> bool:

@@ -11,21 +11,17 @@ from __future__ import annotations
 import pytest
 
 from ipc import blkif
-from tests.blocksys import BLKDOM, System, guest
+from tests.blocksys import BLKDOM, System, guest, running
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def system():
-    s = System({"blkdom": BLKDOM, "attacker": guest("attacker", kernel="tests.kernels.blkhostile",
-                                                   workload="none"),
-                "guest2": guest("guest2")}).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"blkdom": BLKDOM,
+                        "attacker": guest("attacker", kernel="tests.kernels.blkhostile",
+                                          workload="none"),
+                        "guest2": guest("guest2")})
 
 
 def test_hostile_ring_entries(system: System) -> None:

@@ -12,19 +12,14 @@ import signal
 import pytest
 
 from domains.domu.disk_workload import BLOCK, MAGIC, _HEADER, block_content
-from tests.blocksys import BLKDOM, System, guest
+from tests.blocksys import BLKDOM, System, guest, running
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def system():
-    s = System({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2")}).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2")})
 
 
 def test_guests_write_read_verify_and_flush(system: System) -> None:

@@ -17,7 +17,7 @@ import signal
 
 import pytest
 
-from tests.blocksys import BLKDOM, System, guest
+from tests.blocksys import BLKDOM, System, guest, running
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,14 +26,9 @@ DISK_GUESTS = ("guest1", "guest2")
 
 @pytest.fixture
 def system():
-    s = System({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2"),
-                "bystander": guest("bystander", workload="heartbeat", disk=False)},
-               watchdog_timeout=1.5).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2"),
+                        "bystander": guest("bystander", workload="heartbeat", disk=False)},
+                       watchdog_timeout=1.5)
 
 
 def _under_load(s: System) -> dict[str, float]:
@@ -86,13 +81,8 @@ def test_hung_blkdom_is_caught_by_the_watchdog(system: System) -> None:
 
 @pytest.fixture
 def direct_system():
-    s = System({"blkdom": BLKDOM, **{g: guest(g, direct=True) for g in DISK_GUESTS}},
-               watchdog_timeout=1.5).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"blkdom": BLKDOM, **{g: guest(g, direct=True) for g in DISK_GUESTS}},
+                       watchdog_timeout=1.5)
 
 
 def test_sigkill_blkdom_serving_o_direct(direct_system: System) -> None:

@@ -24,7 +24,7 @@ import signal
 
 import pytest
 
-from tests.blocksys import BLKDOM, System, guest
+from tests.blocksys import BLKDOM, System, guest, running
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,13 +34,8 @@ VBD = 51712     # xvda
 
 @pytest.fixture
 def system():
-    s = System({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2")},
-               watchdog_timeout=1.5).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"blkdom": BLKDOM, "guest1": guest("guest1"), "guest2": guest("guest2")},
+                       watchdog_timeout=1.5)
 
 
 def _new_blkdom(s: System, old: int) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from ipc.netif import NETIF_RSP_ERROR, NETIF_RSP_OKAY
-from tests.blocksys import System
+from tests.blocksys import System, running
 from tests.netsys import NETDOM, net_guest, pair
 
 pytestmark = pytest.mark.timeout(180)
@@ -21,14 +21,9 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def system():
-    s = System({"netdom": NETDOM, **pair("net"),
-                "attacker": net_guest("attacker", 66, "none", kernel="tests.kernels.nethostile")}
-               ).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"netdom": NETDOM, **pair("net"),
+                        "attacker": net_guest("attacker", 66, "none",
+                                              kernel="tests.kernels.nethostile")})
 
 
 def test_hostile_vif_ring_entries(system: System) -> None:

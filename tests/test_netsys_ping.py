@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.blocksys import System
+from tests.blocksys import System, running
 from tests.netsys import NETDOM, pair
 
 pytestmark = pytest.mark.timeout(180)
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def system():
-    s = System({"netdom": NETDOM, **pair("net")}).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"netdom": NETDOM, **pair("net")})
 
 
 def test_guests_ping_each_other_and_udp_arrives_in_order(system: System) -> None:

@@ -20,7 +20,7 @@ import signal
 
 import pytest
 
-from tests.blocksys import BLKDOM, System, guest
+from tests.blocksys import BLKDOM, System, guest, running
 from tests.netsys import NETDOM, net_guest, pair
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,12 +30,7 @@ NET_GUESTS = ("guest1", "guest2")
 
 @pytest.fixture
 def system():
-    s = System({"netdom": NETDOM, **pair("net")}, watchdog_timeout=1.5).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"netdom": NETDOM, **pair("net")}, watchdog_timeout=1.5)
 
 
 def _under_load(s: System) -> dict[str, dict]:
@@ -86,13 +81,8 @@ def test_hung_netdom_is_caught_by_the_watchdog(system: System) -> None:
 
 @pytest.fixture
 def mixed():
-    s = System({"blkdom": BLKDOM, "netdom": NETDOM,
-                "diskonly": guest("diskonly"), **pair("net")}, watchdog_timeout=1.5).up()
-    try:
-        yield s
-    finally:
-        s.down()
-        s.cleanup()
+    yield from running({"blkdom": BLKDOM, "netdom": NETDOM,
+                        "diskonly": guest("diskonly"), **pair("net")}, watchdog_timeout=1.5)
 
 
 def test_one_device_type_does_not_disturb_the_other(mixed: System) -> None:
