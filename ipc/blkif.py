@@ -101,10 +101,9 @@ _SEGMENT = struct.Struct("<IBBxx")                      # 8 bytes
 _REQ_HEAD = struct.Struct("<BBH4xQQ")                   # 24 bytes
 _REQUEST_SIZE = _REQ_HEAD.size + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEGMENT.size
 _DISCARD = struct.Struct("<BBH4xQQQ")                   # 32 bytes
-_INDIRECT = struct.Struct("<BBH4xQQH2x8I")              # 60 bytes + 4 tail pad
 #: blkif_request_indirect's fields: operation, indirect_op, nr_segments, id,
-#: sector_number, handle, indirect_grefs[8] (for backends' own fast paths).
-INDIRECT_LAYOUT = _INDIRECT
+#: sector_number, handle, indirect_grefs[8] (public for backends' fast paths).
+INDIRECT_LAYOUT = struct.Struct("<BBH4xQQH2x8I")        # 60 bytes + 4 tail pad
 _INDIRECT_SIZE = 64
 _RESPONSE = struct.Struct("<QBxh4x")                    # 16 bytes
 
@@ -249,7 +248,7 @@ class BlkifRequestIndirect:
         for g in self.indirect_grefs:
             _check_range("indirect gref", g, 32)
         grefs = list(self.indirect_grefs) + [0] * (8 - len(self.indirect_grefs))
-        head = _INDIRECT.pack(BLKIF_OP_INDIRECT, self.indirect_op, self.nr_segments,
+        head = INDIRECT_LAYOUT.pack(BLKIF_OP_INDIRECT, self.indirect_op, self.nr_segments,
                               self.id, self.sector_number, self.handle, *grefs)
         return head + bytes(_INDIRECT_SIZE - len(head))
 
@@ -315,7 +314,7 @@ def unpack_request(data: bytes) -> AnyRequest:
         _, flag, handle, rid, sector, nr = _DISCARD.unpack_from(data, 0)
         return BlkifRequestDiscard(rid, sector, nr, handle, flag)
     if op == BLKIF_OP_INDIRECT:
-        fields = _INDIRECT.unpack_from(data, 0)
+        fields = INDIRECT_LAYOUT.unpack_from(data, 0)
         _, iop, nseg, rid, sector, handle = fields[:6]
         if iop not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
             raise BlkifRequestError(rid, op, f"indirect_op {iop} is not read or write")

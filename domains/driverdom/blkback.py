@@ -370,11 +370,16 @@ class Connection:
         try:
             await self._answer(await self.handle(raw))
             self._push()
-        except Disconnect as exc:        # the serve loop raises it where it is awaited
-            self._broken = str(exc)
-            self.port._fire()
+        except Disconnect as exc:
+            self._break(exc)
         finally:
             self._done_one()
+
+    def _break(self, exc: Disconnect) -> None:
+        """A request answered outside the serve loop broke the ring: the loop
+        raises it where it is awaited (woken as if the frontend had kicked)."""
+        self._broken = str(exc)
+        self.port._fire()
 
     def _done_one(self) -> None:
         self._busy -= 1
@@ -445,16 +450,17 @@ class Connection:
                 log.warning("d%d: I/O error on request id=%d: %s", self.fe_id, rid, exc)
                 status = blkif.BLKIF_RSP_ERROR
         try:
-            self.ring.put_response(blkif.BlkifResponse(rid, op, status).pack())
+            self._put_response(blkif.BlkifResponse(rid, op, status))
             self._push()
-        except RingError as exc:
-            self._broken = f"disconnecting d{self.fe_id}: {exc}"
-            self.port._fire()
+        except Disconnect as exc:
+            self._break(exc)
         finally:
             self._done_one()
 
     async def _answer(self, rsp: blkif.BlkifResponse) -> None:
-        rsp = await faultpoint.hit("blkback.response", rsp)
+        self._put_response(await faultpoint.hit("blkback.response", rsp))
+
+    def _put_response(self, rsp: blkif.BlkifResponse) -> None:
         try:
             self.ring.put_response(rsp.pack())
         except RingError as exc:
