@@ -4,6 +4,7 @@ A freshly forked domain has: its shared_info and grant-table page descriptors,
 its page-descriptor socket, and its ZeroMQ secret.  This module turns those into
 a running kernel:
 
+0. tune the process's heap so large I/O buffers are reused (domains/kernel/heap.py);
 1. make the process's own ZeroMQ context (never inherited across fork) and the
    authenticated hypercall socket;
 2. map shared_info and the grant table;
@@ -29,6 +30,7 @@ import trio
 import zmq
 
 from domains.kernel.events import EventChannels
+from domains.kernel import heap
 from domains.kernel.grant_table import GrantTable
 from domains.kernel.hypercall import Hypervisor
 from domains.kernel.memory import Memory
@@ -94,6 +96,7 @@ class _Halt(Exception):
 
 def boot(start: dict, fds: dict[str, int], main: Main) -> int:
     """The entry the domain builder calls in the new process."""
+    heap.tune()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"%(asctime)s {start['name']}[d{start['domid']}] %(levelname)s %(message)s")
     ctx = zmq.Context(io_threads=1)
