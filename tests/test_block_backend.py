@@ -425,3 +425,68 @@ def test_direct_io_fast_lane_takes_indirect_requests(tmp_path, monkeypatch):
     got = serve_a_while(conn, front, 0.5)
     assert [(r.id, r.status) for r in got] == [(4, blkif.BLKIF_RSP_ERROR)]
     assert handled == [1, 4]
+
+
+def test_page_cache_serves_mapped_whole_pages_inline(tmp_path, monkeypatch):
+    """Page-cache mode: a read or write, direct or indirect, of whole pages
+    already persistently mapped is one preadv/pwritev answered in the serve
+    loop, without the general path; a page seen for the first time, part
+    of a page, a request past the disk's end, a per-request-grant
+    connection, or any armed fault goes through :meth:`handle`."""
+    from domains.kernel import faultpoint
+    back, conn, front, pages, _g = make(tmp_path)
+    handled = []
+    general = conn.handle
+
+    async def counting(raw):
+        handled.append(int.from_bytes(raw[8:16], "little"))
+        return await general(raw)
+    monkeypatch.setattr(conn, "handle", counting)
+
+    def answers(*requests):
+        for r in requests:
+            front.put_request(r)
+        front.push_requests()
+        return [(r.id, r.status) for r in serve_a_while(conn, front, 0.3)]
+    ok = blkif.BLKIF_RSP_OKAY
+    pages[10][:] = b"\x0a" * 4096
+    assert answers(req(blkif.BLKIF_OP_WRITE, 1, 0, [(10, 0, 7)])) == [(1, ok)]
+    assert handled == [1]                         # first sight: mapped persistently
+    pages[10][:] = b"\x5a" * 4096
+    assert answers(req(blkif.BLKIF_OP_WRITE, 2, 8, [(10, 0, 7)]),
+                   req(blkif.BLKIF_OP_READ, 3, 0, [(10, 0, 7)])) == [(2, ok), (3, ok)]
+    assert handled == [1]
+    assert bytes(pages[10]) == b"\x0a" * 4096    # read back what write 1 put at sector 0
+    assert (tmp_path / "disk.img").read_bytes()[8 * 512:16 * 512] == b"\x5a" * 4096
+    # Indirect: the table page (13) and data page (11) are mapped the first time.
+    pages[13][:] = b"".join(blkif.pack_indirect_segments(
+        [blkif.Segment(10, 0, 7), blkif.Segment(11, 0, 7)])).ljust(4096, b"\0")
+    pages[11][:] = b"\x0b" * 4096
+    assert answers(indirect(blkif.BLKIF_OP_WRITE, 4, 16, 13, 2)) == [(4, ok)]
+    assert answers(indirect(blkif.BLKIF_OP_READ, 5, 8, 13, 2)) == [(5, ok)]
+    assert handled == [1, 4]
+    assert bytes(pages[10]) == b"\x5a" * 4096 and bytes(pages[11]) == b"\x0a" * 4096
+    # What the inline lane leaves to the general path.
+    assert answers(req(blkif.BLKIF_OP_READ, 6, 0, [(11, 0, 3)])) == [(6, ok)]
+    assert answers(req(blkif.BLKIF_OP_READ, 7, SECTORS - 4, [(11, 0, 7)])) \
+        == [(7, blkif.BLKIF_RSP_ERROR)]
+    assert handled == [1, 4, 6, 7]
+    faultpoint.arm(faultpoint.parse_spec("t", "point=blkback.response action=delay delay=0"))
+    try:
+        assert answers(req(blkif.BLKIF_OP_READ, 8, 0, [(10, 0, 7)])) == [(8, ok)]
+        assert handled == [1, 4, 6, 7, 8]
+    finally:
+        faultpoint.disarm("blkback.response")
+    _b, conn2, front2, pages2, _g2 = make(tmp_path, persistent=False)
+    handled2 = []
+    general2 = conn2.handle
+
+    async def counting2(raw):
+        handled2.append(int.from_bytes(raw[8:16], "little"))
+        return await general2(raw)
+    monkeypatch.setattr(conn2, "handle", counting2)
+    for rid in (1, 2):
+        front2.put_request(req(blkif.BLKIF_OP_READ, rid, 0, [(10, 0, 7)]))
+    front2.push_requests()
+    assert [r.id for r in serve_a_while(conn2, front2, 0.3)] == [1, 2]
+    assert handled2 == [1, 2]                    # per-request grants: never inline
