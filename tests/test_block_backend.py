@@ -331,10 +331,57 @@ def test_direct_io_serves_reads_and_writes_through_linux_aio(tmp_path, monkeypat
     got = serve_a_while(conn, front)
     assert sorted(r.id for r in got) == [1, 2, 3, 4, 5]
     assert all(r.status == blkif.BLKIF_RSP_OKAY for r in got), got
-    assert {r.id for r in got[:2]} == {1, 2} and got[2].id == 3   # the flush after both writes
+    assert {r.id for r in got[:2]} == {1, 2}    # the flush after both writes
     assert events == [("fdatasync", 2)]         # ... and both were answered before it ran
     assert bytes(pages[12]) == b"\x11" * 4096 and bytes(pages[13][:2048]) == b"\x22" * 2048
     assert conn._busy == 0 and conn.aio is None
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o_direct"])
+def test_a_flush_waits_for_the_writes_before_it_not_for_those_after(tmp_path, monkeypatch,
+                                                                    direct):
+    """The flush's fdatasync starts only once every write taken before it is
+    answered, and is answered only when it returns; reads and writes taken
+    after it are served meanwhile (it promises nothing about them)."""
+    import threading
+    back, conn, front, pages, _g = (make_direct if direct else make)(tmp_path)
+    release = threading.Event()
+    events = []
+
+    def slow_fdatasync(fd):
+        events.append(("fdatasync starts", conn.ring.rsp_prod_pvt))
+        assert release.wait(5), "the test never released fdatasync"
+        events.append(("fdatasync returns", conn.ring.rsp_prod_pvt))
+    monkeypatch.setattr(blkback.os, "fdatasync", slow_fdatasync)
+    pages[10][:] = b"\x11" * 4096
+    pages[11][:] = b"\x22" * 4096
+    for r in (req(blkif.BLKIF_OP_WRITE, 1, 0, [(10, 0, 7)]),
+              req(blkif.BLKIF_OP_FLUSH_DISKCACHE, 2, 0),
+              req(blkif.BLKIF_OP_WRITE, 3, 8, [(11, 0, 7)]),
+              req(blkif.BLKIF_OP_READ, 4, 0, [(12, 0, 7)])):
+        front.put_request(r)
+    front.push_requests()
+
+    async def main():
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.serve)
+                while conn.ring.rsp_prod_pvt < 3:     # all but the flush answered
+                    await trio.sleep(0.01)
+                release.set()
+                while conn.ring.rsp_prod_pvt < 4:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    trio.run(main)
+    got = [blkif.BlkifResponse.unpack(r) for r in front.responses()]
+    assert [r.id for r in got][-1] == 2 and sorted(r.id for r in got) == [1, 2, 3, 4]
+    assert all(r.status == blkif.BLKIF_RSP_OKAY for r in got), got
+    # It started after the write before it was answered (perhaps after the
+    # ones behind it too: its task starts when the serve loop next yields).
+    assert [e[0] for e in events] == ["fdatasync starts", "fdatasync returns"]
+    assert events[0][1] >= 1 and events[1][1] == 3
+    assert bytes(pages[12]) == b"\x11" * 4096
+    assert conn._busy == 0
 
 
 def test_direct_io_answers_pinned_pages_from_the_completion(tmp_path, monkeypatch):
