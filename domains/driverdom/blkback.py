@@ -453,10 +453,9 @@ class Connection:
     def _serve_inline(self, raw: bytes) -> int:
         """Page-cache mode's common case: a request :meth:`_whole_pages`
         accepts is one preadv/pwritev between the file and the mapped
-        pages, answered at once.  False (nothing done) for anything else,
-        or while a fault is armed in this domain, so that :meth:`handle`
-        serves it through its fault points.  Returns the pages moved (0:
-        not served)."""
+        pages, answered at once; returns how many pages it moved.  0
+        (nothing done) for anything else, or while a fault is armed in this
+        domain, so that :meth:`handle` serves it through its fault points."""
         if not faultpoint.quiet() or (got := self._whole_pages(raw)) is None:
             return 0
         op, rid, sector, grefs = got
