@@ -8,7 +8,7 @@ without the tuning the same buffer is mmapped.
 
 from __future__ import annotations
 
-import ctypes.util
+import ctypes
 import os
 import subprocess
 import sys
@@ -18,9 +18,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = r"""
-import ctypes, ctypes.util, os, re, sys, tempfile
+import ctypes, os, re, sys, tempfile
 from domains.kernel import heap
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc = ctypes.CDLL(None)
 libc.fopen.restype = ctypes.c_void_p
 libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
 libc.fclose.argtypes = [ctypes.c_void_p]
@@ -49,11 +49,25 @@ def _mmapped_by_a_4mib_buffer(mode: str) -> int:
     return int(out.stdout)
 
 
-@pytest.mark.skipif(not ctypes.util.find_library("c") or sys.platform != "linux",
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_info"),
                     reason="needs glibc's malloc_info")
 def test_tuned_heap_keeps_large_buffers_off_mmap():
     assert _mmapped_by_a_4mib_buffer("default") >= 4 << 20
     assert _mmapped_by_a_4mib_buffer("tuned") == 0
+
+
+def test_tuning_starts_no_process():
+    """tune() runs at every domain's boot: it must not spawn anything (as
+    ctypes.util.find_library does, running ldconfig)."""
+    probe = ("import os, subprocess\n"
+             "def refuse(*a, **k):\n"
+             "    raise AssertionError('tune() started a process')\n"
+             "subprocess.Popen.__init__ = os.fork = os.posix_spawn = refuse\n"
+             "from domains.kernel import heap\n"
+             "assert heap.tune()\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
 
 
 def test_every_domain_kernel_tunes_its_heap_at_boot(monkeypatch):

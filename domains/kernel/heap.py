@@ -24,7 +24,6 @@ of one process's allocator, like a guest kernel sizing its own slab caches.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 #: Allocations up to this size come from the heap, not a private mmap: the
 #: largest buffers are a few MiB (a 1 MiB request's data, a multi-request read).
@@ -41,7 +40,10 @@ def tune() -> bool:
     """Set the thresholds in this process; False where the C library has no
     ``mallopt`` (not glibc), which leaves its defaults: slower, not wrong."""
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        # The process's own symbols, which include the C library's: no
+        # ctypes.util.find_library, which runs ldconfig in a subprocess (a
+        # stray child and several ms, at every domain's boot).
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
