@@ -332,7 +332,9 @@ def test_direct_io_serves_reads_and_writes_through_linux_aio(tmp_path, monkeypat
     assert sorted(r.id for r in got) == [1, 2, 3, 4, 5]
     assert all(r.status == blkif.BLKIF_RSP_OKAY for r in got), got
     assert {r.id for r in got[:2]} == {1, 2}    # the flush after both writes
-    assert events == [("fdatasync", 2)]         # ... and both were answered before it ran
+    # ... both answered before it ran (and perhaps the reads behind it too:
+    # its task starts when the serve loop next yields)
+    assert len(events) == 1 and events[0][1] >= 2
     assert bytes(pages[12]) == b"\x11" * 4096 and bytes(pages[13][:2048]) == b"\x22" * 2048
     assert conn._busy == 0 and conn.aio is None
 

@@ -82,7 +82,6 @@ Where this differs from Xen
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -93,7 +92,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import trio
 
 from domains.driverdom import aio
-from domains.kernel import faultpoint
+from domains.kernel import exception_groups, faultpoint
 from domains.kernel.grant_table import GrantError, Mapping
 from ipc.channel import HypercallError
 from domains.kernel.xenbus import (FRONTEND_GONE, XenbusState, backend_fail, backend_handshake,
@@ -121,7 +120,7 @@ MAX_INDIRECT_SEGMENTS = 256
 #: pushed once per batch, which is what saves notifications at depth 32.
 PUSH_AT_PAGES = 16
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)      # the C library, as the process has it
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -315,6 +314,10 @@ class Connection:
         both modes a flush, barrier or discard first waits for every request
         taken before it; a flush's fdatasync then runs in a task while the
         reads and writes after it go on."""
+        with exception_groups.unwrap(Disconnect):     # a bare Disconnect, as promised
+            await self._serve_in_mode()
+
+    async def _serve_in_mode(self) -> None:
         if not self.back.direct or (ctx := aio.open_context(self.ring.size)) is None:
             await self._serve(None)
             return

@@ -107,8 +107,10 @@ def boot(start: dict, fds: dict[str, int], main: Main) -> int:
     os.close(fds["grant_table"])
     fdsock = socket.socket(fileno=fds["fdsock"])
     try:
+        # Strict exception groups on every trio version, so a kernel's error
+        # handling is the same everywhere (domains/kernel/exception_groups.py).
         return trio.run(_start, start, sock, fdsock, shared_info, table, main,
-                        fds["upcall"], fds["doorbell"])
+                        fds["upcall"], fds["doorbell"], strict_exception_groups=True)
     finally:
         sock.close(linger=0)
         ctx.term()

@@ -64,6 +64,8 @@ from typing import Awaitable, Callable, Iterable, TypeVar
 
 import trio
 
+from domains.kernel.exception_groups import first_leaf
+
 log = logging.getLogger("xenbus")
 
 T = TypeVar("T")
@@ -549,8 +551,10 @@ async def backend_handshake(xs, path: str, fe_path: str,
                          frontend_is(xs, fe_path, {XenbusState.Initialised}))
         try:
             await connect_and_serve()
-        except refused as exc:
-            await backend_fail(xs, path, str(exc), logger)
+        except* refused as group:
+            # except*: the refusal may come out of nurseries, inside
+            # exception groups (see domains/kernel/exception_groups.py).
+            await backend_fail(xs, path, str(first_leaf(group)), logger)
         else:
             await switch_state(xs, path, XenbusState.Closing)
             await switch_state(xs, path, XenbusState.Closed)

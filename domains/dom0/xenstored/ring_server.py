@@ -33,6 +33,7 @@ import logging
 
 import trio
 
+from domains.kernel.exception_groups import first_leaf
 from ipc.xs_ring import (RingEndpoint, RingIndexError, Notify, Wait,
                          XENSTORE_ERROR_PROTO, XENSTORE_ERROR_RINGIDX,
                          XENSTORE_SERVER_FEATURE_ERROR)
@@ -73,8 +74,9 @@ async def serve_ring(store: XenStore, domid: int, buf, notify: Notify, wait: Wai
                     nursery.start_soon(endpoint.run)
                     await conn.serve(endpoint.receive_some, endpoint.send_all)
                     nursery.cancel_scope.cancel()
-            except RingIndexError as e:
-                log.warning("xenstored: domain %d: %s; connection stopped", domid, e)
+            except* RingIndexError as group:     # out of the nursery, in a group
+                log.warning("xenstored: domain %d: %s; connection stopped", domid,
+                            first_leaf(group))
                 ring.error = XENSTORE_ERROR_RINGIDX
             finally:
                 if scope.cancel in info.closers:
