@@ -103,6 +103,19 @@ def req(op, rid, sector, segs=()):
     return blkif.BlkifRequest(op, rid, sector, 0, tuple(blkif.Segment(*s) for s in segs)).pack()
 
 
+def general_path_ids(conn, monkeypatch) -> list[int]:
+    """The ids of the requests ``conn`` serves through :meth:`handle` (the
+    general path, not a fast lane), in the order it takes them."""
+    handled: list[int] = []
+    general = conn.handle
+
+    async def counting(raw):
+        handled.append(int.from_bytes(raw[8:16], "little"))    # the request's id
+        return await general(raw)
+    monkeypatch.setattr(conn, "handle", counting)
+    return handled
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 def test_write_then_read_through_granted_pages(tmp_path, persistent):
     back, conn, _f, pages, grants = make(tmp_path, persistent)
@@ -393,13 +406,7 @@ def test_direct_io_answers_pinned_pages_from_the_completion(tmp_path, monkeypatc
     the first time, a partial page or an armed fault takes the general path."""
     from domains.kernel import faultpoint
     back, conn, front, pages, _g = make_direct(tmp_path)
-    handled = []
-    general = conn.handle
-
-    async def counting(raw):
-        handled.append(int.from_bytes(raw[8:16], "little"))    # the request's id
-        return await general(raw)
-    monkeypatch.setattr(conn, "handle", counting)
+    handled = general_path_ids(conn, monkeypatch)
     for ref in (10, 11):
         pages[ref][:] = bytes([ref]) * 4096
     front.put_request(req(blkif.BLKIF_OP_WRITE, 1, 0, [(10, 0, 7)]))
@@ -441,13 +448,7 @@ def test_direct_io_fast_lane_takes_indirect_requests(tmp_path, monkeypatch):
     """An indirect read or write whose segment table and data pages are all
     persistently mapped and pinned also goes straight to io_submit."""
     back, conn, front, pages, _g = make_direct(tmp_path)
-    handled = []
-    general = conn.handle
-
-    async def counting(raw):
-        handled.append(int.from_bytes(raw[8:16], "little"))
-        return await general(raw)
-    monkeypatch.setattr(conn, "handle", counting)
+    handled = general_path_ids(conn, monkeypatch)
     pages[13][:] = b"".join(blkif.pack_indirect_segments(
         [blkif.Segment(10, 0, 7), blkif.Segment(11, 0, 7)])).ljust(4096, b"\0")
     pages[10][:] = b"\x0a" * 4096
@@ -484,13 +485,7 @@ def test_page_cache_serves_mapped_whole_pages_inline(tmp_path, monkeypatch):
     connection, or any armed fault goes through :meth:`handle`."""
     from domains.kernel import faultpoint
     back, conn, front, pages, _g = make(tmp_path)
-    handled = []
-    general = conn.handle
-
-    async def counting(raw):
-        handled.append(int.from_bytes(raw[8:16], "little"))
-        return await general(raw)
-    monkeypatch.setattr(conn, "handle", counting)
+    handled = general_path_ids(conn, monkeypatch)
 
     def answers(*requests):
         for r in requests:
@@ -527,13 +522,7 @@ def test_page_cache_serves_mapped_whole_pages_inline(tmp_path, monkeypatch):
     finally:
         faultpoint.disarm("blkback.response")
     _b, conn2, front2, pages2, _g2 = make(tmp_path, persistent=False)
-    handled2 = []
-    general2 = conn2.handle
-
-    async def counting2(raw):
-        handled2.append(int.from_bytes(raw[8:16], "little"))
-        return await general2(raw)
-    monkeypatch.setattr(conn2, "handle", counting2)
+    handled2 = general_path_ids(conn2, monkeypatch)
     for rid in (1, 2):
         front2.put_request(req(blkif.BLKIF_OP_READ, rid, 0, [(10, 0, 7)]))
     front2.push_requests()
