@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 
 import pytest
 import trio
@@ -79,7 +80,7 @@ def test_a_failed_transfer_is_an_error_for_its_caller_only(direct_file):
             with pytest.raises(OSError):            # not a descriptor: io_submit refuses
                 await ctx.transfer(999999, pin.iovec, 0, True)
             with pytest.raises(OSError):            # misaligned for O_DIRECT: EINVAL
-                await ctx.transfer(fd, aio.iovecs([(pin.addr + 1, 511)]), 0, True)
+                await ctx.transfer(fd, struct.pack("QQ", pin.addr + 1, 511), 0, True)
             assert await ctx.transfer(fd, pin.iovec, 0, True) == 4096
             nursery.cancel_scope.cancel()
     trio.run(main)

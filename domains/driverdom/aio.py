@@ -87,11 +87,6 @@ assert ctypes.sizeof(_Iocb) == 64 and ctypes.sizeof(_Event) == 32
 _IOVEC = struct.Struct("QQ")
 
 
-def iovecs(pairs) -> bytes:
-    """Packed ``struct iovec`` entries for (address, length) pairs."""
-    return b"".join(_IOVEC.pack(a, n) for a, n in pairs)
-
-
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         err = ctypes.get_errno()
@@ -144,7 +139,7 @@ class AioContext:
     def submit(self, fd: int, iov: bytes, pos: int, is_read: bool,
                on_done: Callable[[int], None]) -> None:
         """Queue a preadv/pwritev of the memory ``iov`` names (packed
-        ``struct iovec`` entries, see :func:`iovecs` and :attr:`Pin.iovec`,
+        ``struct iovec`` entries, as :attr:`Pin.iovec` makes them,
         of buffers the caller keeps pinned) at ``pos``;
         ``on_done(result)`` is called from :meth:`run` when it is over, with
         the byte count or a negative errno.  At most ``nr`` may be

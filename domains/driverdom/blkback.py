@@ -50,7 +50,8 @@ The data path
     order, then publishes all their responses at once and sends at most one
     event (ring.h's hold-off rules decide whether the frontend is even
     listening), so a busy ring costs one notification per batch, not per
-    request.  A read or write is a single preadv/pwritev between the image
+    request; only the answer to a large request (PUSH_AT_PAGES) is pushed
+    as soon as it is made.  A read or write is a single preadv/pwritev between the image
     and memoryviews of the granted pages: the guest's memory is the I/O
     buffer, as with DMA, and no bytes object is made on the way.
 
@@ -61,14 +62,18 @@ The data path
     itself, as Linux's blkback submits bios to the disk and caches nothing.
     In that mode reads and writes are queued on the device with Linux AIO
     (domains/driverdom/aio.py) and answered as they complete, so up to a
-    ring's worth are in flight; flushes, barriers and discards wait until
-    every request taken before them is done.  Once a connection's pages are
-    persistently mapped, a read or write of whole pages (direct or
-    indirect) takes a fast lane with no task of its own: it is checked on
-    its unpacked fields, queued for the next ``io_submit`` as it is taken
-    off the ring, and answered from its completion callback (Linux's
-    end_io).  Everything else, and everything while a fault is armed in
-    this domain, takes the general path, which names what is wrong.
+    ring's worth are in flight.  In both modes flushes, barriers and
+    discards wait until every request taken before them is done; a flush's
+    ``fdatasync`` then runs beside the requests after it.
+
+    Once a connection's pages are persistently mapped, a read or write of
+    whole pages (direct or indirect) takes a fast lane: it is checked on its
+    unpacked fields (``_whole_pages``) and, in page-cache mode, served
+    inline; in O_DIRECT mode, with no task of its own, queued for the next
+    ``io_submit`` as it is taken off the ring and answered from its
+    completion callback (Linux's end_io).  Everything else, and everything
+    while a fault is armed in this domain, takes the general path, which
+    names what is wrong.
 
 Where this differs from Xen
     In page-cache mode requests are served one after another, in ring order
