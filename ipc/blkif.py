@@ -97,8 +97,13 @@ VDISK_READONLY = 0x4
 
 # -- struct formats ("<" = little-endian, no implicit padding; padding is spelt
 #    out with "x" so the offsets match gcc's natural alignment) ---------------
-_SEGMENT = struct.Struct("<IBBxx")                      # 8 bytes
-_REQ_HEAD = struct.Struct("<BBH4xQQ")                   # 24 bytes
+#: ``struct blkif_request_segment`` (gref, first_sect, last_sect), and the
+#: head of ``struct blkif_request`` before its segments (public for the
+#: drivers' fast paths, which pack and slice them directly).
+SEGMENT = struct.Struct("<IBBxx")                       # 8 bytes
+REQUEST_HEAD = struct.Struct("<BBH4xQQ")                # 24 bytes
+SEGMENT_SIZE = SEGMENT.size
+_SEGMENT, _REQ_HEAD = SEGMENT, REQUEST_HEAD
 _REQUEST_SIZE = _REQ_HEAD.size + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEGMENT.size
 _DISCARD = struct.Struct("<BBH4xQQQ")                   # 32 bytes
 #: blkif_request_indirect's fields: operation, indirect_op, nr_segments, id,

@@ -1,7 +1,8 @@
 """Unit tests of how blkfront lays requests on the ring (no processes).
 
-A fake kernel stands in for grants and memory; the test plays the backend
-on the same ring page.  Checked: a large request becomes one
+A fake kernel stands in for grants and memory (its frames are real memfds,
+placed in the device's real I/O page pool); the test plays the backend on
+the same ring page.  Checked: a large request becomes one
 BLKIF_OP_INDIRECT request whose indirect page lists every segment; a
 request replayed to a backend that takes fewer segments goes as several
 parts, those that find no free ring slot wait in the backlog, and the
@@ -11,9 +12,13 @@ request completes (with its data in order) only when every part has.
 from __future__ import annotations
 
 import itertools
+import os
+
+import trio
 
 from domains.domu.blkfront import BlkFront, _Conn, _Req
 from ipc import blkif
+from ipc.page import new_frame
 from ipc.ring import BackRing, FrontRing
 
 
@@ -33,11 +38,26 @@ class FakeGrants:
         return True
 
 
+class FakeMemory:
+    """Frames for the pool: gfns 10, 11, ... in the order slots are filled."""
+
+    def __init__(self) -> None:
+        self.gfns = itertools.count(10)
+
+    async def alloc_into(self, area, slots: list[int]) -> list[int]:
+        for slot in slots:
+            fd = new_frame("test")
+            area.map(slot, fd)
+            os.close(fd)
+        return [next(self.gfns) for _ in slots]
+
+
 class FakeKernel:
     domid = 5
 
     def __init__(self) -> None:
         self.grants = FakeGrants()
+        self.memory = FakeMemory()
 
 
 class FakePage:
@@ -63,15 +83,20 @@ def frontend(persistent: bool, max_segs: int):
     return k, fe, conn, back
 
 
-def read_request(npages: int) -> _Req:
+def read_request(fe: BlkFront, npages: int) -> _Req:
     req = _Req(blkif.BLKIF_OP_READ, 64, npages * 8)
-    req.pages = [FakePage(10 + i) for i in range(npages)]
+    req.run, req.npages = trio.run(fe.pool.take, npages), npages
     return req
+
+
+def fill(fe: BlkFront, slot: int, byte: int) -> None:
+    """What the backend does: fill one of the request's pages."""
+    fe.pool.view(slot, 4096)[:] = bytes([byte]) * 4096
 
 
 def test_a_large_read_is_one_indirect_request():
     k, fe, conn, back = frontend(persistent=False, max_segs=256)
-    req = read_request(40)
+    req = read_request(fe, 40)
     fe._put(conn, req)
     conn.ring.push_requests()
     (raw,) = back.requests()
@@ -84,8 +109,8 @@ def test_a_large_read_is_one_indirect_request():
     segs = blkif.unpack_indirect_segments(ind, [bytes(table.map)])
     assert [k.grants.granted[s.gref] for s in segs] == [(10 + i, False) for i in range(40)]
     assert all((s.first_sect, s.last_sect) == (0, 7) for s in segs)
-    for i, page in enumerate(req.pages):             # the backend fills the pages
-        page.map[:] = bytes([i]) * 4096
+    for i in range(40):                              # the backend fills the pages
+        fill(fe, req.run + i, i)
     fe._complete(conn, blkif.BlkifResponse(ind.id, blkif.BLKIF_OP_INDIRECT, 0))
     assert req.done.is_set() and req.status == 0
     assert req.result == b"".join(bytes([i]) * 4096 for i in range(40))
@@ -95,7 +120,7 @@ def test_a_large_read_is_one_indirect_request():
 def test_a_replay_beyond_the_backend_limit_goes_in_parts_through_the_backlog():
     k, fe, conn, back = frontend(persistent=True, max_segs=11)
     conn.free_ids = [1, 0]                           # only two ring slots free
-    req = read_request(40)                           # 11 + 11 + 11 + 7 pages
+    req = read_request(fe, 40)                       # 11 + 11 + 11 + 7 pages
     fe._put(conn, req)
     assert len(conn.backlog) == 2 and req.parts_left == 4
     seen = []
@@ -106,7 +131,7 @@ def test_a_replay_beyond_the_backend_limit_goes_in_parts_through_the_backlog():
             seen.append((r.sector_number, len(r.segments)))
             for s in r.segments:
                 gfn, _ = k.grants.granted[s.gref]
-                next(p for p in req.pages if p.gfn == gfn).map[:] = bytes([gfn]) * 4096
+                fill(fe, fe.pool.gfns.index(gfn), gfn)
             fe._complete(conn, blkif.BlkifResponse(r.id, r.operation, 0))
     assert seen == [(64, 11), (64 + 88, 11), (64 + 176, 11), (64 + 264, 7)]
     assert not conn.backlog and sorted(conn.free_ids) == [0, 1]
@@ -116,7 +141,7 @@ def test_a_replay_beyond_the_backend_limit_goes_in_parts_through_the_backlog():
 
 def test_a_failed_part_fails_the_request():
     k, fe, conn, back = frontend(persistent=True, max_segs=11)
-    req = read_request(20)
+    req = read_request(fe, 20)
     fe._put(conn, req)
     conn.ring.push_requests()
     first, second = (blkif.unpack_request(raw) for raw in back.requests())

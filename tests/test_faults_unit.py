@@ -141,7 +141,7 @@ def test_blkfront_request_history_is_bounded_and_keeps_no_data() -> None:
     most recently used sectors only, and never a request's data."""
     import types
     from domains.domu import blkfront
-    dev = blkfront.BlkFront(types.SimpleNamespace(domid=1), None, 51712)
+    dev = blkfront.BlkFront(types.SimpleNamespace(domid=1, memory=None), None, 51712)
     for seq in range(blkfront.HISTORY_SECTORS + 10):
         req = blkfront._Req(blkif.BLKIF_OP_WRITE, seq * 8, 8, b"x" * 4096, seq=seq)
         req.trace.append(("put", 1, 0, [0x100], [8]))

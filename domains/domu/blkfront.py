@@ -26,8 +26,8 @@ Here
     backend's persistent grants (1056 per device, as in Linux) cover them.
 
     Every request lives in ``inflight`` from the moment it is issued until its
-    response arrives, with its own copy of the data to write and its own data
-    pages (which it keeps across reconnects).  The backend is considered gone
+    response arrives, with its own copy of the data to write and its own run
+    of data pages (which it keeps across reconnects).  The backend is considered gone
     when any of these is seen:
       * its ``state`` leaves Connected (Closing, Closed, or the node vanished
         because the toolstack removed the dead driver domain's directory);
@@ -39,13 +39,20 @@ Here
     connect again and replay ``inflight`` in issue order.
 
 The data path
-    Issuing takes a free ring slot without yielding to the scheduler when one
-    is free, encodes the request with one ``struct`` call, and publishes it;
-    an event is sent only if the backend asked for one (ring.h's hold-off),
-    so while blkback is busy a stream of requests costs no notification.  A
-    write's chunks are views of one private copy of the caller's data; a
-    read's result is made by one ``b"".join`` of its pages (a single copy,
-    done in C, as ``pread`` makes its bytes).
+    A request's data pages are a contiguous run of the device's I/O page
+    pool (domains/kernel/io_pool.py: one vmapped area, runs from a buddy
+    allocator), so a write's data goes in with one memcpy and a read's
+    result comes out with one (as ``pread`` makes its bytes).  Slot ``i``
+    of the pool is always the same frame, so with persistent grants a
+    connection keeps a table of every slot's packed segment (grant, first
+    and last sector), built as slots are first granted, and a request's
+    segments are a slice of it: a 1 MiB request costs the same Python as a
+    4 KiB one.  Issuing takes a free ring slot without yielding to the
+    scheduler when one is free and publishes the request; an event is sent
+    only if the backend asked for one (ring.h's hold-off), so while blkback
+    is busy a stream of requests costs no notification.  A write's chunks
+    are views of one private copy of the caller's data (``bytes`` are
+    immutable, so that copy is the caller's own object).
 
     A request whose pages do not fit the current backend's limit (a replay
     to a backend that offers fewer segments than the one it was issued to)
@@ -80,13 +87,13 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import trio
 
 from domains.kernel import faultpoint
+from domains.kernel.io_pool import IoPagePool
 from domains.kernel.xenbus import (FrontendDevice, XenbusState, connect_retrying,
                                    frontend_start_over, peer_gone, publish_and_wait_connected,
                                    first_device, read_nodes, to_int)
@@ -112,20 +119,21 @@ CLEANUP_TIMEOUT = 2.0
 #: Pause before trying again after a handshake step failed (a backend that died
 #: mid-handshake, a refused hypercall): a retry, never a wait for something.
 RETRY_DELAY = 0.05
-#: ``struct blkif_request`` with n segments, padded to the full slot: one
-#: struct.pack per request instead of an object per segment (the hot path).
-_REQUEST_LAYOUT = [struct.Struct("<BBH4xQQ" + "IBBxx" * n + f"{(SEGS - n) * 8}x")
-                   for n in range(SEGS + 1)]
-assert all(layout.size == blkif.REQUEST_SIZE for layout in _REQUEST_LAYOUT)
 #: Requests one single-page ring holds (32 for blkif's 112-byte entries).
 RING_SLOTS = ring_size(PAGE_SIZE, blkif.ENTRY_SIZE)
 #: Segments this frontend puts in one indirect request (at most the
 #: backend's feature-max-indirect-segments): 1 MiB of 4 KiB pages.
 MAX_INDIRECT_SEGMENTS = 256
-#: Data pages in flight at once (Linux sizes its grant pool the same way:
-#: with one indirect page per ring slot, 1024 + 32 = blkback's 1056
-#: persistent grants per device, so the steady state maps nothing).
+#: Data pages in flight at once: the size of the I/O page pool (Linux sizes
+#: its grant pool the same way: with one indirect page per ring slot,
+#: 1024 + 32 = blkback's 1056 persistent grants per device, so the steady
+#: state maps nothing).
 MAX_INFLIGHT_PAGES = 1024
+#: A request is ``struct blkif_request``'s head and a slice of packed
+#: segments (gref, first_sect, last_sect).
+_HEAD, _SEG = blkif.REQUEST_HEAD, blkif.SEGMENT
+#: Where a packed segment's last_sect lies, counted from its end.
+_LAST_SECT = 5 - _SEG.size
 #: How much request history :meth:`BlkFront.history` keeps: the last few
 #: requests for each of the most recently used sectors.
 HISTORY_PER_SECTOR = 4
@@ -144,7 +152,8 @@ class _Req:
     data: bytes | memoryview | None = None   # private copy of the data to write
     discard_count: int = 0
     seq: int = 0
-    pages: list = field(default_factory=list)
+    run: int = -1           # first slot of its pages in the I/O pool (-1: none)
+    npages: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     status: int | None = None
     result: bytes = b""
@@ -152,7 +161,8 @@ class _Req:
     grefs: list[int] = field(default_factory=list)   # per-request grants of this connection
     parts_left: int = 0                   # ring requests still unanswered on this connection
     part_status: int = blkif.BLKIF_RSP_OKAY   # the first error any part got
-    #: What happened to it, for failure reports: ("put", conn, id, gfns, grefs),
+    #: What happened to it, for failure reports: ("put", conn, id, gfns, grefs)
+    #: (of the first 11 pages),
     #: ("done", conn, id, status, how), ("data", first bytes of the page).
     trace: list = field(default_factory=list)
 
@@ -169,6 +179,10 @@ class _Conn:
         self.shadow: dict[int, _Req] = {}
         self.free_ids = list(range(ring.size - 1, -1, -1))
         self.pgrants: dict[int, int] = {}   # gfn -> gref (persistent mode)
+        #: Persistent mode: each pool slot's packed segment (its grant, the
+        #: whole page), once granted on this connection; ``granted`` marks them.
+        self.segtab = bytearray(MAX_INFLIGHT_PAGES * _SEG.size)
+        self.granted = bytearray(MAX_INFLIGHT_PAGES)
         #: Segments one request may carry here: 11, or the indirect limit.
         self.max_segs = SEGS
         #: Parts waiting for a ring slot: (request, first page, end page).
@@ -198,9 +212,7 @@ class BlkFront:
         #: ways, and holding traces only, never a request's data.
         self._recent: collections.OrderedDict[int, collections.deque] = collections.OrderedDict()
         self._slots = trio.Semaphore(RING_SLOTS)
-        self._free_pages: list["Page"] = []
-        self._pages_out = 0                 # data pages held by requests in flight
-        self._pages_back = trio.Event()     # set when some are given back
+        self.pool = IoPagePool(k.memory, MAX_INFLIGHT_PAGES, MAX_INDIRECT_SEGMENTS)
         self._indirect: list["Page"] = []   # ring id -> its indirect page
         self._max_segs = SEGS               # the last connection's limit, for splitting
         self._conn: _Conn | None = None
@@ -314,18 +326,10 @@ class BlkFront:
         except trio.WouldBlock:
             await slots.acquire()
         npages = -(-req.nsect * SECTOR // PAGE_SIZE) if req.raw is None else 0
-        held = 0
         try:
-            while self._pages_out + npages > MAX_INFLIGHT_PAGES and self._pages_out:
-                await self._pages_back.wait()
-            self._pages_out += npages
-            held = npages
-            free = self._free_pages
-            while len(free) < npages:
-                free.extend(await self.k.memory.alloc(npages - len(free)))
             if npages:
-                req.pages = free[-npages:]
-                del free[-npages:]
+                req.run = await self.pool.take(npages)
+                req.npages = npages
             req.seq = next(self._seq)
             self._remember(req)
             self.inflight[req.seq] = req
@@ -338,13 +342,10 @@ class BlkFront:
                 await req.done.wait()
             finally:
                 self.inflight.pop(req.seq, None)
-                self._free_pages.extend(req.pages)
-                req.pages = []
         finally:
-            self._pages_out -= held
-            if held:
-                self._pages_back.set()
-                self._pages_back = trio.Event()
+            if req.run >= 0:
+                self.pool.give(req.run, req.npages)
+                req.run = -1
             slots.release()
         if req.raw is not None:
             return b""
@@ -361,7 +362,7 @@ class BlkFront:
         Normally one ring request; several parts if its pages exceed what
         this backend takes in one.  A part that finds no free ring id waits
         in the backlog (only a replay can overflow the ring)."""
-        npages = len(req.pages)
+        npages = req.npages
         per = conn.max_segs
         req.part_status = blkif.BLKIF_RSP_OKAY
         if npages <= per:
@@ -387,46 +388,57 @@ class BlkFront:
             conn.ring.put_request(blkif.BlkifRequestDiscard(rid, req.sector, req.discard_count).pack())
             return
         writing = req.op != blkif.BLKIF_OP_READ
-        pages = req.pages[lo:hi]
-        # The part's sectors: whole pages, then perhaps a last partial one.
-        full, tail = divmod(min(req.nsect - lo * SECTORS_PER_PAGE, (hi - lo) * SECTORS_PER_PAGE),
-                            SECTORS_PER_PAGE)
-        if writing:
-            data, off = req.data, lo * PAGE_SIZE
-            for page in pages[:full]:
-                page.map[:PAGE_SIZE] = data[off:off + PAGE_SIZE]
-                off += PAGE_SIZE
-            if tail:
-                pages[full].map[:tail * SECTOR] = data[off:off + tail * SECTOR]
-        # One comprehension per request, not a call per page: a 1 MiB request
-        # has 256 of them.  A persistent grant is looked up in place.
-        grant, known = self._grant, conn.pgrants
-        segs = [x for page in pages
-                for x in ((known[page.gfn] if page.gfn in known
-                           else grant(conn, req, page, writing)), 0, SECTORS_PER_PAGE - 1)]
-        if tail:
-            segs[-1] = tail - 1
+        first, n = req.run + lo, hi - lo
+        segs = bytearray()
+        if n:           # (a flush or barrier has no pages)
+            # The part's bytes: whole pages, then perhaps a last partial one.
+            nbytes = min(req.nsect * SECTOR - lo * PAGE_SIZE, n * PAGE_SIZE)
+            if writing:
+                off = lo * PAGE_SIZE
+                self.pool.view(first, nbytes)[:] = req.data[off:off + nbytes]
+            if conn.persistent:
+                if conn.granted.find(0, first, first + n) >= 0:
+                    self._grant_slots(conn, first, n)
+                segs = conn.segtab[first * _SEG.size:(first + n) * _SEG.size]
+            else:
+                gfns = self.pool.gfns
+                segs = bytearray(b"".join([_SEG.pack(self._grant(conn, req, gfns[s], writing),
+                                                     0, SECTORS_PER_PAGE - 1)
+                                           for s in range(first, first + n)]))
+            if nbytes % PAGE_SIZE:
+                segs[_LAST_SECT] = nbytes % PAGE_SIZE // SECTOR - 1
         sector = req.sector + lo * SECTORS_PER_PAGE
-        if hi - lo <= SEGS:
-            raw = _REQUEST_LAYOUT[hi - lo].pack(req.op, hi - lo, 0, rid, sector, *segs)
+        if n <= SEGS:
+            raw = _HEAD.pack(req.op, n, 0, rid, sector) + segs
         else:       # BLKIF_OP_INDIRECT: the segments go in this id's indirect page
             table = self._indirect[rid]
-            blkif.segment_array(hi - lo).pack_into(table.map, 0, *segs)
+            table.map[:len(segs)] = segs
             raw = blkif.BlkifRequestIndirect(
-                req.op, rid, sector, hi - lo,
-                (self._grant(conn, req, table, True),)).pack().ljust(blkif.REQUEST_SIZE, b"\0")
-        req.trace.append(("put", conn.no, rid, [p.gfn for p in req.pages[lo:lo + SEGS]],
-                          segs[0:3 * SEGS:3]))
-        conn.ring.put_request(faultpoint.hit_nowait("blkfront.request", raw))
+                req.op, rid, sector, n,
+                (self._grant(conn, req, table.gfn, True),)).pack()
+        req.trace.append(("put", conn.no, rid, self.pool.gfns[first:first + min(n, SEGS)] if n
+                          else [], memoryview(segs).cast("I")[0:2 * SEGS:2].tolist()))
+        conn.ring.put_request(faultpoint.hit_nowait("blkfront.request",
+                                                    raw.ljust(blkif.REQUEST_SIZE, b"\0")))
 
-    def _grant(self, conn: _Conn, req: _Req, page: "Page", readonly: bool) -> int:
-        """The grant reference the backend uses for ``page`` on this connection."""
+    def _grant_slots(self, conn: _Conn, first: int, n: int) -> None:
+        """Grant this connection's backend the pool slots ``first``.. that it
+        has not been granted yet, and enter them in its segment table."""
+        gfns, grant = self.pool.gfns, self.k.grants.grant_access
+        for s in range(first, first + n):
+            if not conn.granted[s]:
+                gref = conn.pgrants[gfns[s]] = grant(conn.be_id, gfns[s])
+                _SEG.pack_into(conn.segtab, s * _SEG.size, gref, 0, SECTORS_PER_PAGE - 1)
+                conn.granted[s] = 1
+
+    def _grant(self, conn: _Conn, req: _Req, gfn: int, readonly: bool) -> int:
+        """The grant reference the backend uses for frame ``gfn`` on this connection."""
         if conn.persistent:
-            gref = conn.pgrants.get(page.gfn)
+            gref = conn.pgrants.get(gfn)
             if gref is None:
-                gref = conn.pgrants[page.gfn] = self.k.grants.grant_access(conn.be_id, page.gfn)
+                gref = conn.pgrants[gfn] = self.k.grants.grant_access(conn.be_id, gfn)
             return gref
-        gref = self.k.grants.grant_access(conn.be_id, page.gfn, readonly=readonly)
+        gref = self.k.grants.grant_access(conn.be_id, gfn, readonly=readonly)
         req.grefs.append(gref)
         return gref
 
@@ -454,15 +466,11 @@ class BlkFront:
         if req.parts_left > 0:
             return
         status = req.part_status
-        if req.op == blkif.BLKIF_OP_READ and req.pages:
-            req.trace.append(("data", bytes(req.pages[0].map[:24]).hex()))
+        if req.op == blkif.BLKIF_OP_READ and req.run >= 0:
+            req.trace.append(("data", bytes(self.pool.view(req.run, 24)).hex()))
         self._end_grants(req)
         if req.op == blkif.BLKIF_OP_READ and req.raw is None and status == blkif.BLKIF_RSP_OKAY:
-            full, tail = divmod(req.nsect * SECTOR, PAGE_SIZE)
-            pages = [p.map for p in req.pages[:full]]
-            if tail:
-                pages.append(req.pages[full].map[:tail])
-            req.result = b"".join(pages)
+            req.result = bytes(self.pool.view(req.run, req.nsect * SECTOR))
         req.status = status
         req.done.set()
 

@@ -53,7 +53,8 @@ async def _command(k, xs, text: str, started: float) -> str:
         return f"up {time.monotonic() - started:.1f} s"
     if cmd == "free":
         pages = await k.hv.call("memory_op", "current_reservation")
-        return f"reservation {pages * 4} KiB ({pages // 256} MiB), shared pages {len(k.memory.pages)}"
+        shared = len(k.memory.pages) + k.memory.area_pages
+        return f"reservation {pages * 4} KiB ({pages // 256} MiB), shared pages {shared}"
     if cmd == "workload":
         base = f"/local/domain/{k.domid}/data/workload"
         try:
