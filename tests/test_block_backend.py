@@ -9,8 +9,10 @@ else.  Flushes must reach fdatasync before they are answered.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+import weakref
 
 import pytest
 import trio
@@ -20,6 +22,7 @@ from domains.driverdom.blkback import BlkBack, Connection, Disconnect
 from domains.kernel.grant_table import GrantError, Mapping
 from ipc import blkif
 from ipc.grant_abi import GNTST_bad_gntref
+from ipc.page import map_frame, new_frame
 from ipc.ring import FrontRing
 
 FE = 7
@@ -27,21 +30,33 @@ SECTORS = 64
 
 
 class FakeGrants:
-    def __init__(self, pages: dict[int, bytearray]) -> None:
+    """The frontend's grants: ``pages`` are the guest's own mappings of
+    real one-page memfds (ref -> mmap), which the backend maps as the real
+    grant table does, on its own or into a slot of its area."""
+
+    def __init__(self, pages: dict[int, mmap.mmap], fds: dict[int, int]) -> None:
         self.pages = pages
+        self.fds = fds
         self.mapped = 0
         self.unmapped = 0
 
-    async def map_many(self, grants, readonly=False):
-        out = []
+    async def map_many(self, grants, readonly=False, area=None, slots=None):
         for dom, ref in grants:
             if dom != FE or ref not in self.pages:
                 raise GrantError(GNTST_bad_gntref, f"no grant {ref}")
-            out.append(Mapping(dom, ref, ref, self.pages[ref], readonly))
+        out = []
+        for i, (dom, ref) in enumerate(grants):
+            if area is None:
+                out.append(Mapping(dom, ref, ref, map_frame(self.fds[ref], not readonly), readonly))
+            else:
+                area.map(slots[i], self.fds[ref])
+                out.append(Mapping(dom, ref, ref, area.pages(slots[i]), False, slots[i]))
         self.mapped += len(out)
         return out
 
     async def unmap_many(self, maps):
+        for m in maps:
+            m.release()
         self.unmapped += len(maps)
 
 
@@ -64,17 +79,20 @@ class FakeKernel:
 
 
 def make(tmp_path, persistent=True, readonly=False):
-    pages = {10 + i: bytearray(4096) for i in range(4)}
-    grants = FakeGrants(pages)
+    fds = {10 + i: new_frame("test") for i in range(4)}
+    pages = {ref: map_frame(fd) for ref, fd in fds.items()}
+    grants = FakeGrants(pages, fds)
+    weakref.finalize(grants, lambda: [os.close(fd) for fd in fds.values()])
     back = BlkBack(FakeKernel(grants), None, "backend/vbd/7/51712")
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(SECTORS * 512))
     back.fd = os.open(image, os.O_RDWR)
     back.sectors = SECTORS
     back.readonly = readonly
-    ring_page = bytearray(4096)
-    front = FrontRing.init(ring_page, blkif.ENTRY_SIZE)
-    conn = Connection(back, FE, Mapping(FE, 8, 0, ring_page, False), FakePort(), persistent)
+    ring_fd = fds[8] = new_frame("ring")            # the guest's ring page, and blkback's map of it
+    front = FrontRing.init(map_frame(ring_fd), blkif.ENTRY_SIZE)
+    conn = Connection(back, FE, Mapping(FE, 8, 0, map_frame(ring_fd), False), FakePort(),
+                      persistent)
     return back, conn, front, pages, grants
 
 
@@ -88,11 +106,8 @@ def serve_a_while(conn, front, secs: float = 2.0) -> list[blkif.BlkifResponse]:
 
 
 def make_direct(tmp_path):
-    """make(), with page-aligned pages and the image opened O_DIRECT."""
-    import mmap
+    """make(), with the image opened O_DIRECT (the pages are page-aligned)."""
     back, conn, front, pages, grants = make(tmp_path)
-    for ref in list(pages):
-        pages[ref] = mmap.mmap(-1, 4096)
     os.close(back.fd)
     back.fd = os.open(tmp_path / "disk.img", os.O_RDWR | os.O_DIRECT)
     back.direct = True
@@ -254,7 +269,7 @@ def test_indirect_write_then_read(tmp_path, persistent):
     trio.run(main)
     written = os.pread(back.fd, 8192, 16 * 512)
     assert written == bytes(range(256)) * 16 + b"\xa5" * 4096
-    assert pages[11] == written[:4096]
+    assert bytes(pages[11]) == written[:4096]
     assert pages[12][:2048] == written[4096:6144] and pages[10][2048:] == written[6144:]
     if persistent:
         assert grants.unmapped == 0
@@ -528,3 +543,36 @@ def test_page_cache_serves_mapped_whole_pages_inline(tmp_path, monkeypatch):
     front2.push_requests()
     assert [r.id for r in serve_a_while(conn2, front2, 0.3)] == [1, 2]
     assert handled2 == [1, 2]                    # per-request grants: never inline
+
+
+def test_pages_first_seen_together_are_one_run_of_the_area(tmp_path):
+    """Persistent mappings go into the connection's area in the order they
+    are first seen, so a request over pages first seen together is one
+    view and one iovec; a frontend that rewrites a segment table the fast
+    lane has already decoded gets the new table decoded, never the old one
+    reused."""
+    back, conn, front, pages, _g = make(tmp_path)
+    ok = blkif.BLKIF_RSP_OKAY
+    pages[13][:] = b"".join(blkif.pack_indirect_segments(
+        [blkif.Segment(10, 0, 7), blkif.Segment(11, 0, 7), blkif.Segment(12, 0, 7)])
+    ).ljust(4096, b"\0")
+    for ref in (10, 11, 12):
+        pages[ref][:] = bytes([ref]) * 4096
+
+    async def main():
+        r = await conn.handle(indirect(blkif.BLKIF_OP_WRITE, 1, 0, 13, 3))   # first sight
+        assert r.status == ok
+        assert [conn.pgrants[g].slot for g in (13, 10, 11, 12)] == [0, 1, 2, 3]
+        _op, _id, sector, io = conn._fast_io(indirect(blkif.BLKIF_OP_READ, 2, 0, 13, 3))
+        assert (sector, io.npages, len(io.views), len(io.iov)) == (0, 3, 1, 16)
+        assert bytes(io.views[0]) == bytes([10]) * 4096 + bytes([11]) * 4096 + bytes([12]) * 4096
+        # The guest swaps two segments in the same table page: new bytes, new decoding.
+        pages[13][:24] = b"".join(blkif.Segment(g, 0, 7).pack() for g in (12, 11, 10))
+        _op, _id, _s, io2 = conn._fast_io(indirect(blkif.BLKIF_OP_READ, 3, 0, 13, 3))
+        assert len(io2.views) == 3 and bytes(io2.views[0]) == bytes([12]) * 4096
+        # A segment that is only part of a page is never the fast lane's.
+        pages[13][:8] = blkif.Segment(12, 0, 3).pack()
+        assert conn._fast_io(indirect(blkif.BLKIF_OP_READ, 4, 0, 13, 3)) is None
+        await conn.close()
+    trio.run(main)
+    assert conn.area.closed

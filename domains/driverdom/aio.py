@@ -87,6 +87,11 @@ assert ctypes.sizeof(_Iocb) == 64 and ctypes.sizeof(_Event) == 32
 _IOVEC = struct.Struct("QQ")
 
 
+def iovec(addr: int, length: int) -> bytes:
+    """One ``struct iovec`` (the memory at ``addr``), packed."""
+    return _IOVEC.pack(addr, length)
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         err = ctypes.get_errno()
@@ -112,7 +117,7 @@ class Pin:
         self._obj = ctypes.c_char.from_buffer(buffer)
         self.addr = ctypes.addressof(self._obj)
         self.len = len(buffer)
-        self.iovec = _IOVEC.pack(self.addr, self.len)     # its struct iovec
+        self.iovec = iovec(self.addr, self.len)     # its struct iovec
 
     def release(self) -> None:
         self._obj = None

@@ -27,7 +27,11 @@ Here
     is mapped on first use and kept mapped until the device disconnects, so
     the steady state costs no grant hypercall at all; or *per request*: map
     every segment's page, do the I/O, unmap.  bench/block_bench.py measures
-    both.
+    both.  Persistent mappings are placed side by side in one area of
+    address space (domains/kernel/vmap.py), in the order they are first
+    seen: blkfront sends the same runs of its I/O pool again and again, so
+    a 1 MiB request is then one view for preadv/pwritev and one iovec for
+    the kernel, not 256.
 
 Invariant
     A guest cannot crash or wedge blkback.  Every request is decoded from a
@@ -67,11 +71,13 @@ The data path
     ``fdatasync`` then runs beside the requests after it.
 
     Once a connection's pages are persistently mapped, a read or write of
-    whole pages (direct or indirect) takes a fast lane: it is checked on its
-    unpacked fields (``_whole_pages``) and, in page-cache mode, served
-    inline; in O_DIRECT mode, with no task of its own, queued for the next
-    ``io_submit`` as it is taken off the ring and answered from its
-    completion callback (Linux's end_io).  Everything else, and everything
+    whole pages (direct or indirect) takes a fast lane (``_fast_io``): its
+    segments, copied out of the slot or the indirect page, are looked up
+    byte for byte among the arrangements of pages already decoded on this
+    connection, so only a new one is unpacked and checked; in page-cache
+    mode it is then served inline; in O_DIRECT mode, with no task of its
+    own, queued for the next ``io_submit`` as it is taken off the ring and
+    answered from its completion callback (Linux's end_io).  Everything else, and everything
     while a fault is armed in this domain, takes the general path, which
     names what is wrong.
 
@@ -99,6 +105,7 @@ import trio
 from domains.driverdom import aio
 from domains.kernel import exception_groups, faultpoint
 from domains.kernel.grant_table import GrantError, Mapping
+from domains.kernel.vmap import VmArea
 from ipc.channel import HypercallError
 from domains.kernel.xenbus import (FRONTEND_GONE, XenbusState, backend_fail, backend_handshake,
                                    device_progress, frontend_is, read_nodes, switch_state,
@@ -124,6 +131,9 @@ MAX_INDIRECT_SEGMENTS = 256
 #: flight (measured: 1 MiB reads at queue depth 4).  Small requests are still
 #: pushed once per batch, which is what saves notifications at depth 32.
 PUSH_AT_PAGES = 16
+#: Fast-lane decodings a connection remembers (see Connection._fast_io):
+#: one per distinct run of pages the frontend uses, so a few dozen in practice.
+IO_CACHE_SIZE = 512
 
 _libc = ctypes.CDLL(None, use_errno=True)      # the C library, as the process has it
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -275,11 +285,18 @@ class Connection:
         self.port = port
         self.persistent = persistent
         self.pgrants: dict[int, Mapping] = {}
-        #: A whole-page view of each persistent mapping, made once: most
-        #: segments are whole pages, and a view per segment per request is
-        #: measurable Python work on a 256-segment request.
+        #: Persistent mappings live in one area, each in the next free slot
+        #: when first seen, so the pages of a run the frontend sends again
+        #: and again (its I/O pool, domains/kernel/io_pool.py) lie side by
+        #: side: one view and one iovec instead of one per page.
+        self.area = VmArea(MAX_PERSISTENT_GRANTS) if persistent else None
+        self._map_lock = trio.Lock()    # one first-sight mapping at a time: slots stay unique
+        #: A whole-page view of each persistent mapping (its slot of the area).
         self.page_views: dict[int, memoryview] = {}
         self.page_pins: dict[int, aio.Pin] = {}    # O_DIRECT mode: those views, pinned
+        #: The fast lane's decodings: a request's segment bytes -> what to
+        #: do with them (see _fast_io).
+        self._io_cache: dict[bytes, _FastIo] = {}
         self.aio: "aio.AioContext | None" = None   # O_DIRECT mode's, while serving
         self._busy = 0                  # requests being served by tasks of their own
         self._idle = trio.Event()       # set each time _busy drops to 0
@@ -296,8 +313,24 @@ class Connection:
         for view in self.page_views.values():    # a live view keeps its mmap open
             view.release()
         self.page_views.clear()
+        for io in self._io_cache.values():
+            for view in io.views:
+                view.release()
+        self._io_cache.clear()
         maps = list(self.pgrants.values()) + [self.ring_map]
         self.pgrants.clear()
+        for m in maps:
+            m.release()
+        if self.area is not None:
+            try:
+                self.area.close()               # the area's mappings go now ...
+            except BufferError:
+                # ... unless a view of it survived (a bug): then they stay
+                # mapped, and the hypervisor must not be told otherwise.
+                log.error("d%d: a view of the grant area is still in use; its "
+                          "%d mappings stay until this domain ends", self.fe_id,
+                          sum(self.area.mapped))
+                maps = [m for m in maps if m.slot < 0]
         try:
             await self.k.grants.unmap_many(maps)
         except Exception:
@@ -421,98 +454,122 @@ class Connection:
             self._idle.set()
             self._idle = trio.Event()
 
-    def _whole_pages(self, raw: bytes) -> tuple[int, int, int, tuple] | None:
-        """(op, id, sector, grefs) of a read or write, direct or indirect,
-        of whole pages whose grants (and indirect tables) this connection
-        already maps persistently, inside the disk and allowed by its mode;
-        None for anything else (a page seen for the first time, part of a
-        page, a request that breaks a rule), which :meth:`handle` serves
-        and names the problem of.  Decoded from the unpacked fields, with
-        no object per segment: the data path's common case."""
+    def _fast_io(self, raw: bytes) -> "tuple[int, int, int, _FastIo] | None":
+        """(op, id, sector, io) of a read or write, direct or indirect, of
+        whole pages this connection already maps persistently, inside the
+        disk and allowed by its mode; None for anything else (a page seen
+        for the first time, part of a page, a request that breaks a rule),
+        which :meth:`handle` serves and names the problem of.
+
+        The data path's common case, so it does little: the request's
+        segments are copied (privately: the guest may rewrite its pages)
+        and looked up as they are, bytes for bytes, among the decodings
+        already made on this connection.  Only a new arrangement of pages
+        is unpacked and checked (:meth:`_decode_io`); a frontend that sends
+        the same runs of its pool again and again pays that once."""
         op = raw[0]
         if op == blkif.BLKIF_OP_INDIRECT:
             fields = blkif.INDIRECT_LAYOUT.unpack_from(raw)
             op, nseg, rid, sector = fields[1:5]
             if op > blkif.BLKIF_OP_WRITE or not 0 < nseg <= MAX_INDIRECT_SEGMENTS:
                 return None
-            tables = [self.pgrants.get(g) for g in
+            nbytes = nseg * blkif.SEGMENT_SIZE
+            tables = [self.page_views.get(g) for g in
                       fields[6:6 + -(-nseg // blkif.SEGS_PER_INDIRECT_FRAME)]]
             if None in tables:
                 return None
-            # A private copy, looked at once: the guest may rewrite its page.
-            f = blkif.segment_array(nseg).unpack_from(
-                b"".join(m.map[:blkif.PAGE_SIZE] for m in tables))
+            key = bytes(tables[0][:nbytes]) if len(tables) == 1 \
+                else b"".join(tables)[:nbytes]
         else:
             nseg = raw[1]
             if op > blkif.BLKIF_OP_WRITE or not 0 < nseg <= blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST:
                 return None
-            f = _RW_LAYOUT[nseg].unpack_from(raw)
-            rid, sector, f = f[3], f[4], f[5:]
-        # Whole pages only: every first_sect 0 and last_sect 7.
-        last = blkif.SECTORS_PER_PAGE - 1
-        if f[1::3].count(0) != nseg or f[2::3].count(last) != nseg:
-            return None
+            rid, sector = _ID_SECTOR.unpack_from(raw, 8)
+            key = raw[_SEGS_AT:_SEGS_AT + nseg * blkif.SEGMENT_SIZE]
+        io = self._io_cache.get(key)
+        if io is None:
+            io = self._decode_io(key, nseg)
+            if io is None:
+                return None
+            if len(self._io_cache) >= IO_CACHE_SIZE:
+                self._io_cache.clear()      # views in use elsewhere live on until dropped
+            self._io_cache[key] = io
         back = self.back
         if sector + nseg * blkif.SECTORS_PER_PAGE > back.sectors \
                 or (op == blkif.BLKIF_OP_WRITE and back.readonly):
             return None
-        return op, rid, sector, f[0::3]
+        return op, rid, sector, io
+
+    def _decode_io(self, segments: bytes, nseg: int) -> "_FastIo | None":
+        """What ``segments`` (packed blkif segments) stand for, if every one
+        is a whole page mapped in this connection's area: the runs of
+        neighbouring slots they make, as views and as iovecs."""
+        f = blkif.segment_array(nseg).unpack(segments)
+        if f[1::3].count(0) != nseg or f[2::3].count(blkif.SECTORS_PER_PAGE - 1) != nseg:
+            return None
+        slots = []
+        for gref in f[0::3]:
+            m = self.pgrants.get(gref)
+            if m is None or m.slot < 0:
+                return None
+            slots.append(m.slot)
+        runs: list[list[int]] = []          # [first slot, count]
+        for slot in slots:
+            if runs and runs[-1][0] + runs[-1][1] == slot:
+                runs[-1][1] += 1
+            else:
+                runs.append([slot, 1])
+        area = self.area
+        return _FastIo(nseg, tuple(area.pages(first, count) for first, count in runs),
+                       b"".join(aio.iovec(area.addr + first * blkif.PAGE_SIZE,
+                                          count * blkif.PAGE_SIZE) for first, count in runs))
 
     def _serve_inline(self, raw: bytes) -> int:
-        """Page-cache mode's common case: a request :meth:`_whole_pages`
+        """Page-cache mode's common case: a request :meth:`_fast_io`
         accepts is one preadv/pwritev between the file and the mapped
         pages, answered at once; returns how many pages it moved.  0
         (nothing done) for anything else, or while a fault is armed in this
         domain, so that :meth:`handle` serves it through its fault points."""
-        if not faultpoint.quiet() or (got := self._whole_pages(raw)) is None:
+        if not faultpoint.quiet() or (got := self._fast_io(raw)) is None:
             return 0
-        op, rid, sector, grefs = got
-        try:
-            views = [self.page_views[g] for g in grefs]
-        except KeyError:
-            return 0
+        op, rid, sector, io = got
         back = self.back
         back.stats["requests"] += 1
         status = blkif.BLKIF_RSP_OKAY
         try:
-            _vector_io(back.fd, views, sector * SECTOR, op == blkif.BLKIF_OP_READ)
+            _vector_io(back.fd, io.views, sector * SECTOR, op == blkif.BLKIF_OP_READ)
         except OSError as exc:
             back.stats["errors"] += 1
             log.warning("d%d: I/O error on request id=%d: %s", self.fe_id, rid, exc)
             status = blkif.BLKIF_RSP_ERROR
         self._put_response(blkif.BlkifResponse(rid, op, status))
-        return len(grefs)
+        return io.npages
 
     def _start_direct(self, raw: bytes) -> bool:
         """O_DIRECT mode's common case, with no task: a request
-        :meth:`_whole_pages` accepts, whose pages are pinned, goes to the
-        device at once and is answered from its AIO completion, as Linux's
+        :meth:`_fast_io` accepts (its pages lie in the connection's area,
+        which outlives every transfer) goes to the device at once and is answered from its AIO completion, as Linux's
         blkback answers from a bio's end_io.  False for anything else, or
         while a fault is armed in this domain: :meth:`handle` serves it, in
         a task of its own."""
-        if not faultpoint.quiet() or (got := self._whole_pages(raw)) is None:
+        if not faultpoint.quiet() or (got := self._fast_io(raw)) is None:
             return False
-        op, rid, sector, grefs = got
-        try:
-            iov = b"".join([self.page_pins[g].iovec for g in grefs])
-        except KeyError:
-            return False
+        op, rid, sector, io = got
         back = self.back
         back.stats["requests"] += 1
-        self.aio.submit(back.fd, iov, sector * SECTOR, op == blkif.BLKIF_OP_READ,
-                        partial(self._direct_done, op, rid, sector, grefs))
+        self.aio.submit(back.fd, io.iov, sector * SECTOR, op == blkif.BLKIF_OP_READ,
+                        partial(self._direct_done, op, rid, sector, io))
         return True
 
-    def _direct_done(self, op: int, rid: int, sector: int, grefs: tuple, res: int) -> None:
+    def _direct_done(self, op: int, rid: int, sector: int, io: "_FastIo", res: int) -> None:
         """A :meth:`_start_direct` transfer is over: answer it."""
         status = blkif.BLKIF_RSP_OKAY
-        if res != len(grefs) * blkif.PAGE_SIZE:
+        if res != io.npages * blkif.PAGE_SIZE:
             try:
                 if res < 0:
                     raise OSError(-res, os.strerror(-res))
                 # Short: do it all again inline, as _do does.
-                _vector_io(self.back.fd, [self.page_views[g] for g in grefs],
-                           sector * SECTOR, op == blkif.BLKIF_OP_READ)
+                _vector_io(self.back.fd, io.views, sector * SECTOR, op == blkif.BLKIF_OP_READ)
             except OSError as exc:
                 self.back.stats["errors"] += 1
                 log.warning("d%d: I/O error on request id=%d: %s", self.fe_id, rid, exc)
@@ -688,21 +745,43 @@ class Connection:
             except (GrantError, HypercallError) as exc:
                 raise _Refused(f"grant map failed: {exc}") from None
             return maps, maps
-        missing = [g for g in dict.fromkeys(grefs) if g not in self.pgrants]
         temporary: list[Mapping] = []
-        if missing:
-            try:
-                new = await self.k.grants.map_many([(self.fe_id, g) for g in missing])
-            except (GrantError, HypercallError) as exc:
-                raise _Refused(f"grant map failed: {exc}") from None
-            for m in new:
-                if len(self.pgrants) < MAX_PERSISTENT_GRANTS:
-                    self.pgrants[m.ref] = m
-                    self.page_views[m.ref] = memoryview(m.map)
-                else:
-                    temporary.append(m)
+        if any(g not in self.pgrants for g in grefs):
+            async with self._map_lock:      # (another request may have mapped them meanwhile)
+                missing = [g for g in dict.fromkeys(grefs) if g not in self.pgrants]
+                room = MAX_PERSISTENT_GRANTS - len(self.pgrants)
+                keep, extra = missing[:room], missing[room:]
+                first = len(self.pgrants)   # slots are never freed while connected
+                grants = self.k.grants
+                try:
+                    new = await grants.map_many([(self.fe_id, g) for g in keep], area=self.area,
+                                                slots=list(range(first, first + len(keep)))) \
+                        if keep else []
+                    try:
+                        temporary = await grants.map_many([(self.fe_id, g) for g in extra]) \
+                            if extra else []
+                    finally:
+                        for m in new:       # persistent even if the rest failed
+                            self.pgrants[m.ref] = m
+                            self.page_views[m.ref] = m.map
+                except (GrantError, HypercallError) as exc:
+                    raise _Refused(f"grant map failed: {exc}") from None
         by_ref = {m.ref: m for m in temporary}
         return [self.pgrants.get(g) or by_ref[g] for g in grefs], temporary
+
+
+class _FastIo(NamedTuple):
+    """A fast-lane request's pages: how many, and the runs of neighbouring
+    slots of the area they make, as views (page cache) and as packed
+    ``struct iovec`` entries (Linux AIO)."""
+    npages: int
+    views: tuple[memoryview, ...]
+    iov: bytes
+
+
+#: Where a direct request's id and sector, and its segments, lie in the slot.
+_ID_SECTOR = struct.Struct("<QQ")
+_SEGS_AT = blkif.REQUEST_HEAD.size
 
 
 class _Seg(NamedTuple):
@@ -722,7 +801,7 @@ class _RwRequest(NamedTuple):
 
 
 #: ``struct blkif_request`` head plus n segments, for the one-call decode.
-_RW_LAYOUT = [struct.Struct("<BBH4xQQ" + "IBBxx" * n)
+_RW_LAYOUT = [struct.Struct(blkif.REQUEST_HEAD.format + blkif.SEGMENT.format[1:] * n)
               for n in range(blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST + 1)]
 
 

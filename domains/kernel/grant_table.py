@@ -9,7 +9,10 @@ has unmapped, as Linux's deferred list does, so references are never leaked.
 
 Mapping someone else's grant is a hypercall: the hypervisor checks their entry
 and hands us the page descriptor; we mmap it (read-only if asked, and the
-kernel enforces that).
+kernel enforces that), or place it in a slot of a VmArea of ours
+(domains/kernel/vmap.py) so that many grants make one contiguous buffer.
+Such a mapping is released with its area: its owner closes the area before
+it tells the hypervisor it has unmapped them.
 
 Where this differs from Xen: Xen clears an entry with an atomic cmpxchg so that
 a map racing with end-of-access is caught.  Python has no cmpxchg on shared
@@ -32,6 +35,7 @@ from ipc.page import map_frame
 
 if TYPE_CHECKING:
     from domains.kernel.hypercall import Hypervisor
+    from domains.kernel.vmap import VmArea
 
 log = logging.getLogger("grant_table")
 
@@ -47,8 +51,17 @@ class Mapping:
     dom: int
     ref: int
     handle: int
-    map: mmap.mmap
+    map: mmap.mmap | memoryview     # a view of its slot, when mapped into a VmArea
     readonly: bool
+    slot: int = -1                  # which slot of the area, or -1
+
+    def release(self) -> None:
+        """Let go of our handle on the page (idempotent).  For a slot of a
+        VmArea this drops only the view: the area's close unmaps it."""
+        if isinstance(self.map, memoryview):
+            self.map.release()
+        else:
+            self.map.close()
 
 
 class GrantTable:
@@ -120,23 +133,38 @@ class GrantTable:
     async def map(self, dom: int, ref: int, readonly: bool = False) -> Mapping:
         return (await self.map_many([(dom, ref)], readonly))[0]
 
-    async def map_many(self, grants: list[tuple[int, int]], readonly: bool = False) -> list[Mapping]:
-        """Map several grants in one hypercall; all or nothing."""
+    async def map_many(self, grants: list[tuple[int, int]], readonly: bool = False,
+                       area: "VmArea | None" = None,
+                       slots: list[int] | None = None) -> list[Mapping]:
+        """Map several grants in one hypercall; all or nothing.  With an
+        ``area``, grant ``i`` goes into ``slots[i]`` of it (read-write only)."""
+        if area is not None and (readonly or slots is None or len(slots) != len(grants)):
+            raise ValueError("an area takes writable mappings, one slot for each grant")
         ops = [{"dom": d, "ref": r, "readonly": readonly} for d, r in grants]
         result, fds = await self.hv.call_fds("grant_table_op", "map_grant_ref", ops=ops)
         out: list[Mapping] = []
         fd_iter = iter(fds)
         failed = None
-        for (dom, ref), res in zip(grants, result["results"]):
+        for i, ((dom, ref), res) in enumerate(zip(grants, result["results"])):
             if res["status"] != GNTST_okay:
                 failed = failed or GrantError(res["status"], res.get("why", ""))
                 continue
             fd = next(fd_iter)
             try:
-                out.append(Mapping(dom, ref, res["handle"], map_frame(fd, writable=not readonly), readonly))
+                if area is None:
+                    out.append(Mapping(dom, ref, res["handle"],
+                                       map_frame(fd, writable=not readonly), readonly))
+                else:
+                    area.map(slots[i], fd)
+                    out.append(Mapping(dom, ref, res["handle"], area.pages(slots[i]), False,
+                                       slots[i]))
             finally:
                 os.close(fd)
         if failed is not None:
+            for m in out:
+                m.release()
+                if area is not None:
+                    area.unmap(m.slot)      # truly gone before we say so
             await self.unmap_many(out)
             raise failed
         return out
@@ -145,7 +173,7 @@ class GrantTable:
         if not mappings:
             return
         for m in mappings:
-            m.map.close()
+            m.release()
         await self.hv.call("grant_table_op", "unmap_grant_ref", handles=[m.handle for m in mappings])
 
     async def unmap(self, mapping: Mapping) -> None:
