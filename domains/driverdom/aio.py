@@ -21,7 +21,11 @@ Here
     takes a ring's worth of requests at once) goes to the kernel in one
     ``io_submit``.  On a virtual disk each submission ends in a doorbell to
     the device that costs about 30 us; 32 transfers in one call cost about
-    4 us each instead of 35.
+    4 us each instead of 35.  A caller that queues a batch itself says so
+    with :meth:`AioContext.plug` and :meth:`AioContext.unplug` (Linux's
+    blk_start_plug / blk_finish_plug): the batch is then submitted by the
+    unplug, at once, not by the context's task after a trip through the
+    scheduler.
 
 Invariant
     A buffer given to a transfer is not released until the kernel says the
@@ -140,6 +144,7 @@ class AioContext:
         self._slots = trio.Semaphore(nr)
         self._queue: list[_Transfer] = []      # queued, not yet submitted
         self._queued = trio.Event()
+        self._plugged = False
 
     def submit(self, fd: int, iov: bytes, pos: int, is_read: bool,
                on_done: Callable[[int], None]) -> None:
@@ -163,7 +168,20 @@ class AioContext:
         job = _Transfer(iocb, vec, on_done)
         self._inflight[tag] = job
         self._queue.append(job)
-        self._queued.set()
+        if not self._plugged:
+            self._queued.set()
+
+    def plug(self) -> None:
+        """Hold what is submitted from now on until :meth:`unplug`."""
+        self._plugged = True
+
+    def unplug(self) -> None:
+        """Submit everything held, now, in one io_submit.  Call it before
+        waiting for any of it."""
+        self._plugged = False
+        if self._queue:
+            batch, self._queue = self._queue, []
+            self._submit_batch(batch)
 
     async def transfer(self, fd: int, iov: bytes, pos: int, is_read: bool) -> int:
         """:meth:`submit`, awaited: the byte count, or OSError."""

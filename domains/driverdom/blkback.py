@@ -394,6 +394,8 @@ class Connection:
                         reqs = ring.requests()
                     except RingCorruptError as exc:
                         raise Disconnect(f"disconnecting d{self.fe_id}: {exc}") from None
+                    if ctx is not None:
+                        ctx.plug()          # the batch's transfers go in one io_submit
                     for raw in reqs:
                         if raw[0] in _CONCURRENT_OPS:
                             if ctx is not None:
@@ -409,6 +411,8 @@ class Connection:
                             continue
                         # Anything else first waits for every request taken
                         # before it (so a flush covers them all) ...
+                        if ctx is not None:
+                            ctx.unplug()    # (they cannot finish before they are submitted)
                         while self._busy:
                             await self._idle.wait()
                         if raw[0] == blkif.BLKIF_OP_FLUSH_DISKCACHE:
@@ -419,6 +423,8 @@ class Connection:
                             nursery.start_soon(self._serve_one, raw)
                             continue
                         await self._answer(await self.handle(raw))
+                    if ctx is not None:
+                        ctx.unplug()
                     if reqs:
                         self._push()
                         continue
