@@ -88,3 +88,40 @@ def test_a_failed_transfer_is_an_error_for_its_caller_only(direct_file):
     pin.release()
     buf.close()         # the pin is gone, so the buffer can close
     assert ctx.outstanding() == 0
+
+
+def test_a_plugged_batch_goes_in_one_io_submit_at_unplug(direct_file, monkeypatch):
+    """While plugged, submit() queues without waking the context's task;
+    unplug() hands the whole batch to the kernel at once, in one call."""
+    path, fd = direct_file
+    ctx = aio.open_context(8)
+    bufs = [mmap.mmap(-1, 4096) for _ in range(4)]
+    pins = [aio.Pin(b) for b in bufs]
+    calls = []
+    real = ctx._submit_batch
+    monkeypatch.setattr(ctx, "_submit_batch", lambda batch: (calls.append(len(batch)),
+                                                             real(batch)))
+    results = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ctx.run)
+            await trio.sleep(0.01)
+            ctx.plug()
+            for i, pin in enumerate(pins):
+                ctx.submit(fd, pin.iovec, i * 4096, True, results.append)
+            await trio.sleep(0.05)               # the context's task ran meanwhile
+            assert calls == [] and ctx.outstanding() == 4
+            ctx.unplug()
+            assert calls == [4]
+            with trio.fail_after(10):
+                while len(results) < 4:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+    ctx.close()
+    assert results == [4096] * 4
+    assert [bytes(b) for b in bufs] == [path.read_bytes()[i * 4096:(i + 1) * 4096]
+                                        for i in range(4)]
+    for pin in pins:
+        pin.release()
