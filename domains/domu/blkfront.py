@@ -144,7 +144,7 @@ class BlockIOError(OSError):
     """The backend answered a request with an error status."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Req:
     op: int
     sector: int
@@ -257,6 +257,10 @@ class BlkFront:
     async def read(self, sector: int, count: int) -> bytes:
         """Read ``count`` sectors from ``sector``."""
         self._check(sector, count)
+        if count <= self._max_segs * SECTORS_PER_PAGE:    # one request: the common case
+            req = _Req(blkif.BLKIF_OP_READ, sector, count)
+            await self._issue(req)
+            return req.result
         reqs = [_Req(blkif.BLKIF_OP_READ, s, n) for s, n in self._split(sector, count)]
         await self._all([(self._issue, req) for req in reqs])
         return reqs[0].result if len(reqs) == 1 else b"".join(req.result for req in reqs)
@@ -270,6 +274,9 @@ class BlkFront:
             raise BlockIOError(30, f"{self.dev.nodename} is read-only")
         self._check(sector, len(data) // SECTOR)
         data = memoryview(bytes(data))     # our own immutable copy; chunks are views of it
+        if len(data) <= self._max_segs * PAGE_SIZE:       # one request: the common case
+            await self._issue(_Req(blkif.BLKIF_OP_WRITE, sector, len(data) // SECTOR, data))
+            return
         jobs = []
         for s, n in self._split(sector, len(data) // SECTOR):
             off = (s - sector) * SECTOR
