@@ -19,7 +19,11 @@ same operation done by ``pread``/``pwrite`` on *the same image file* from one
 process (a thread per request in flight for depths 4 and 32), measured
 right after in this process:
 the floor blkback could reach if the ring, the grants and the three processes
-cost nothing.
+cost nothing.  Between the two sits the *split-driver ceiling*
+(``block.ceiling_*``, bench/split_ceiling.py): two bare processes sharing a
+buffer and a pipe each way, the second doing the file I/O, on the same
+page-cached image.  No split driver can beat it here, so a target the
+ceiling misses is one no split driver could meet on this machine.
 
 (Recovery from a blkdom crash is the ``recovery`` suite.)
 
@@ -36,6 +40,7 @@ import os
 import threading
 import time
 
+from bench import split_ceiling
 from bench.harness import Figure, compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +188,7 @@ def run(ctx) -> list[Figure]:
     try:
         raw = _raw_file(os.path.join(disks, "bpers.img"), secs)
         raw_direct = _raw_file(os.path.join(disks, "bdirect.img"), secs, direct=True)
+        ceiling = split_ceiling.measure(os.path.join(disks, "bpers.img"), secs)
     finally:
         import shutil
         shutil.rmtree(os.path.dirname(disks), ignore_errors=True)
@@ -193,7 +199,10 @@ def run(ctx) -> list[Figure]:
         base_direct = Figure(f"block.raw_direct_{key}", raw_direct[key], unit, better="higher",
                              detail={"what": "O_DIRECT preadv/pwritev on the same image file, "
                                              "one process"})
-        figures += [base, base_direct]
+        figures += [base, base_direct, compare(
+            f"block.ceiling_{key}", ceiling[key], unit, base, True,
+            detail={"what": "two bare processes, a shared buffer and a pipe each way, "
+                            "the second doing the I/O (bench/split_ceiling.py)"})]
         for guest, suffix, against in (("bpers", "", base), ("bgrant", "_pergrant", base),
                                        ("bdirect", "_direct", base_direct)):
             figures.append(compare(f"block.{key}{suffix}", results[guest][key], unit, against,

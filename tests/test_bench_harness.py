@@ -439,3 +439,28 @@ def test_python_m_bench_end_to_end(tmp_path):
             "baseline.memcpy_4k", "baseline.file_randread_4k_qd32", "baseline.udp_pps"} <= names
     assert "baseline.zmq_relay_rtt_p50" in proc.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["baselines.json"]
+
+
+def test_split_ceiling_smoke(tmp_path):
+    """The split-driver ceiling runs every figure the block suite compares
+    with, each positive, and leaves no process or descriptor behind."""
+    from bench import split_ceiling
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    fds_before = set(os.listdir("/proc/self/fd"))
+    got = split_ceiling.measure(str(image), 0.05, region=4 << 20)
+    assert sorted(got) == sorted(
+        [f"seq{d}_1m{q}" for d in ("write", "read") for q in ("", "_qd4")]
+        + [f"rand{d}_4k_qd{q}" for d in ("read", "write") for q in (1, 32)])
+    assert all(v > 0 for v in got.values())
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert not [p for p in os.listdir("/proc") if p.isdigit()
+                and _is_child_of_us(int(p))]
+
+
+def _is_child_of_us(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+    except (OSError, ValueError, IndexError):
+        return False
