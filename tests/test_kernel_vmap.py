@@ -9,6 +9,7 @@ live view, and once closed nothing of it is left in the address space.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 
@@ -72,12 +73,16 @@ def test_a_slot_takes_one_frame_and_can_be_emptied():
         area.close()
 
 
+def _no_core_dump() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def test_an_empty_slot_faults():
     probe = ("from domains.kernel.vmap import VmArea\n"
              "a = VmArea(2)\n"
              "a.view[4096] = 1\n")               # slot 1 holds no frame
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                         timeout=30)
+                         timeout=30, preexec_fn=_no_core_dump)
     assert out.returncode == -11                 # SIGSEGV, not a silent private page
 
 
