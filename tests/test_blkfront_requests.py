@@ -149,3 +149,37 @@ def test_a_failed_part_fails_the_request():
     assert not req.done.is_set()
     fe._complete(conn, blkif.BlkifResponse(second.id, second.operation, 0))
     assert req.done.is_set() and req.status == blkif.BLKIF_RSP_ERROR and req.result == b""
+
+
+def test_a_cancelled_request_keeps_its_pages_until_it_is_answered():
+    """A caller that stops waiting does not take its request back from the
+    backend (a bio cannot be either): the request's pages and ring slot stay
+    its own until the answer comes, so no later request's data can share a
+    page with a backend still writing it."""
+    from domains.domu.blkfront import MAX_INFLIGHT_PAGES, RING_SLOTS
+    k, fe, conn, back = frontend(persistent=True, max_segs=11)
+    fe._conn = conn
+
+    async def main():
+        req = _Req(blkif.BLKIF_OP_READ, 64, 8)
+        with trio.move_on_after(0.01):
+            await fe._issue(req)                 # nobody answers: the caller gives up
+        assert req.abandoned and req.run >= 0 and req.seq in fe.inflight
+        assert fe.pool.buddy.free_pages == MAX_INFLIGHT_PAGES - 1
+        assert fe._slots.value == RING_SLOTS - 1
+        conn.ring.push_requests()
+        (raw,) = back.requests()
+        fill(fe, req.run, 7)                     # the backend still writes the page ...
+        fe._complete(conn, blkif.BlkifResponse(blkif.unpack_request(raw).id,
+                                               blkif.BLKIF_OP_READ, 0))
+        # ... and only its answer gives everything back.
+        assert fe.pool.buddy.free_pages == MAX_INFLIGHT_PAGES and not fe.inflight
+        assert fe._slots.value == RING_SLOTS and req.result == bytes([7]) * 4096
+        # Cancelled before it reached any ring: nothing to wait for.
+        fe._conn = None
+        early = _Req(blkif.BLKIF_OP_READ, 64, 8)
+        with trio.move_on_after(0.01):
+            await fe._issue(early)
+        assert not early.abandoned and not fe.inflight
+        assert fe.pool.buddy.free_pages == MAX_INFLIGHT_PAGES
+    trio.run(main)

@@ -72,7 +72,11 @@ Grants
 
 Invariant
     An acknowledged request was answered OKAY by a backend; an unanswered one
-    is never dropped, only replayed.  A response with an id we did not issue is
+    is never dropped, only replayed.  A caller that stops waiting (its task
+    is cancelled) does not take its request back either, as a bio cannot be:
+    once on a ring, a request keeps its pages and its ring slot until it is
+    answered, so no later request's data shares a page with a backend that
+    is still reading or writing it.  A response with an id we did not issue is
     ignored and logged; a response ring that cannot be true is treated as the
     backend going away.
 
@@ -151,7 +155,7 @@ class _Req:
     nsect: int
     data: bytes | memoryview | None = None   # private copy of the data to write
     discard_count: int = 0
-    seq: int = 0
+    seq: int = -1
     run: int = -1           # first slot of its pages in the I/O pool (-1: none)
     npages: int = 0
     done: trio.Event = field(default_factory=trio.Event)
@@ -161,6 +165,8 @@ class _Req:
     grefs: list[int] = field(default_factory=list)   # per-request grants of this connection
     parts_left: int = 0                   # ring requests still unanswered on this connection
     part_status: int = blkif.BLKIF_RSP_OKAY   # the first error any part got
+    on_ring: bool = False                 # put on some backend's ring at least once
+    abandoned: bool = False               # its caller stopped waiting (see _issue)
     #: What happened to it, for failure reports: ("put", conn, id, gfns, grefs)
     #: (of the first 11 pages),
     #: ("done", conn, id, status, how), ("data", first bytes of the page).
@@ -341,19 +347,24 @@ class BlkFront:
             self._remember(req)
             self.inflight[req.seq] = req
             self.stats["requests"] += 1
+            conn = self._conn
+            if conn is not None and not conn.lost.is_set():
+                self._put(conn, req)
+                self._push(conn)
             try:
-                conn = self._conn
-                if conn is not None and not conn.lost.is_set():
-                    self._put(conn, req)
-                    self._push(conn)
                 await req.done.wait()
-            finally:
-                self.inflight.pop(req.seq, None)
+            except BaseException:
+                if req.on_ring and not req.done.is_set():
+                    # Cancelled while out on a ring: like a bio, it cannot be
+                    # taken back.  It stays in flight (replayed if need be)
+                    # and gives back its pages and ring slot when answered,
+                    # so no later request's data shares a page with a backend
+                    # still reading or writing it.
+                    req.abandoned = True
+                raise
         finally:
-            if req.run >= 0:
-                self.pool.give(req.run, req.npages)
-                req.run = -1
-            slots.release()
+            if not req.abandoned:
+                self._retire(req)
         if req.raw is not None:
             return b""
         if req.status != blkif.BLKIF_RSP_OKAY:
@@ -363,6 +374,14 @@ class BlkFront:
                                   f"failed (status {req.status})")
         return req.result
 
+    def _retire(self, req: _Req) -> None:
+        """A request is over: its place in flight, its pages and its ring slot go back."""
+        self.inflight.pop(req.seq, None)
+        if req.run >= 0:
+            self.pool.give(req.run, req.npages)
+            req.run = -1
+        self._slots.release()
+
     def _put(self, conn: _Conn, req: _Req) -> None:
         """Put one request on the ring (synchronous: no other task runs meanwhile).
 
@@ -371,6 +390,7 @@ class BlkFront:
         in the backlog (only a replay can overflow the ring)."""
         npages = req.npages
         per = conn.max_segs
+        req.on_ring = True
         req.part_status = blkif.BLKIF_RSP_OKAY
         if npages <= per:
             req.parts_left = 1
@@ -480,6 +500,8 @@ class BlkFront:
             req.result = bytes(self.pool.view(req.run, req.nsect * SECTOR))
         req.status = status
         req.done.set()
+        if req.abandoned:
+            self._retire(req)
 
     def _end_grants(self, req: _Req) -> None:
         for gref in req.grefs:
