@@ -414,9 +414,9 @@ def test_a_flush_waits_for_the_writes_before_it_not_for_those_after(tmp_path, mo
     assert conn._busy == 0
 
 
-def test_direct_io_answers_pinned_pages_from_the_completion(tmp_path, monkeypatch):
-    """Once a persistent page has been mapped and pinned, an O_DIRECT read or
-    write of whole pinned pages takes no task: it goes to io_submit as it is
+def test_direct_io_answers_mapped_pages_from_the_completion(tmp_path, monkeypatch):
+    """Once a persistent page has been mapped into the area, an O_DIRECT read
+    or write of whole such pages takes no task: it goes to io_submit as it is
     taken off the ring and is answered from its completion.  A page seen for
     the first time, a partial page or an armed fault takes the general path."""
     from domains.kernel import faultpoint
@@ -428,7 +428,7 @@ def test_direct_io_answers_pinned_pages_from_the_completion(tmp_path, monkeypatc
     front.put_request(req(blkif.BLKIF_OP_WRITE, 2, 8, [(11, 0, 7)]))
     front.push_requests()
     assert sorted(r.id for r in serve_a_while(conn, front, 0.5)) == [1, 2]
-    assert sorted(handled) == [1, 2]              # first sight: mapped and pinned
+    assert sorted(handled) == [1, 2]              # first sight: mapped into the area
     # The same pages again: the fast lane.
     pages[10][:] = b"\x55" * 4096
     front.put_request(req(blkif.BLKIF_OP_WRITE, 3, 16, [(10, 0, 7)]))
@@ -440,7 +440,7 @@ def test_direct_io_answers_pinned_pages_from_the_completion(tmp_path, monkeypatc
     assert sorted(handled) == [1, 2]
     assert (tmp_path / "disk.img").read_bytes()[16 * 512:24 * 512] == b"\x55" * 4096
     assert bytes(pages[11]) == bytes([11]) * 4096
-    # Part of a pinned page: the general path.
+    # Part of a mapped page: the general path.
     front.put_request(req(blkif.BLKIF_OP_READ, 5, 16, [(11, 0, 3)]))
     front.push_requests()
     got = serve_a_while(conn, front, 0.5)
@@ -461,7 +461,7 @@ def test_direct_io_answers_pinned_pages_from_the_completion(tmp_path, monkeypatc
 
 def test_direct_io_fast_lane_takes_indirect_requests(tmp_path, monkeypatch):
     """An indirect read or write whose segment table and data pages are all
-    persistently mapped and pinned also goes straight to io_submit."""
+    persistently mapped also goes straight to io_submit."""
     back, conn, front, pages, _g = make_direct(tmp_path)
     handled = general_path_ids(conn, monkeypatch)
     pages[13][:] = b"".join(blkif.pack_indirect_segments(
@@ -473,7 +473,7 @@ def test_direct_io_fast_lane_takes_indirect_requests(tmp_path, monkeypatch):
         front.push_requests()
         got = serve_a_while(conn, front, 0.5)
         assert [(r.id, r.status) for r in got] == [(rid, blkif.BLKIF_RSP_OKAY)]
-    assert handled == [1]                # the second found everything pinned
+    assert handled == [1]                # the second found everything mapped
     assert (tmp_path / "disk.img").read_bytes()[32 * 512:48 * 512] == \
         b"\x0a" * 4096 + b"\x0b" * 4096
     pages[10][:] = bytes(4096)

@@ -124,6 +124,7 @@ MAX_PERSISTENT_GRANTS = 1056
 #: Segments one indirect request may carry (Linux's MAX_INDIRECT_SEGMENTS):
 #: 1 MiB in 4 KiB pages, whose 8-byte descriptors fill half an indirect page.
 MAX_INDIRECT_SEGMENTS = 256
+assert MAX_INDIRECT_SEGMENTS <= blkif.SEGS_PER_INDIRECT_FRAME    # one table page a request
 #: In page-cache mode a request of at least this many pages is pushed to the
 #: frontend as soon as it is answered, not with the rest of its batch: one
 #: notification is cheap beside a transfer that size, and holding a large
@@ -291,9 +292,6 @@ class Connection:
         #: side: one view and one iovec instead of one per page.
         self.area = VmArea(MAX_PERSISTENT_GRANTS) if persistent else None
         self._map_lock = trio.Lock()    # one first-sight mapping at a time: slots stay unique
-        #: A whole-page view of each persistent mapping (its slot of the area).
-        self.page_views: dict[int, memoryview] = {}
-        self.page_pins: dict[int, aio.Pin] = {}    # O_DIRECT mode: those views, pinned
         #: The fast lane's decodings: a request's segment bytes -> what to
         #: do with them (see _fast_io).
         self._io_cache: dict[bytes, _FastIo] = {}
@@ -307,13 +305,7 @@ class Connection:
             self.ring.release()
         except Exception:
             pass
-        for pin in self.page_pins.values():      # a pin keeps its view exported
-            pin.release()
-        self.page_pins.clear()
-        for view in self.page_views.values():    # a live view keeps its mmap open
-            view.release()
-        self.page_views.clear()
-        for io in self._io_cache.values():
+        for io in self._io_cache.values():       # a live view keeps the area mapped
             for view in io.views:
                 view.release()
         self._io_cache.clear()
@@ -479,13 +471,10 @@ class Connection:
             op, nseg, rid, sector = fields[1:5]
             if op > blkif.BLKIF_OP_WRITE or not 0 < nseg <= MAX_INDIRECT_SEGMENTS:
                 return None
-            nbytes = nseg * blkif.SEGMENT_SIZE
-            tables = [self.page_views.get(g) for g in
-                      fields[6:6 + -(-nseg // blkif.SEGS_PER_INDIRECT_FRAME)]]
-            if None in tables:
+            table = self.pgrants.get(fields[6])    # (256 segments fit one indirect page)
+            if table is None:
                 return None
-            key = bytes(tables[0][:nbytes]) if len(tables) == 1 \
-                else b"".join(tables)[:nbytes]
+            key = bytes(table.map[:nseg * blkif.SEGMENT_SIZE])
         else:
             nseg = raw[1]
             if op > blkif.BLKIF_OP_WRITE or not 0 < nseg <= blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST:
@@ -673,27 +662,22 @@ class Connection:
         # guest's memory): no bytes object in between.
         views: list[memoryview] = []
         made: list[memoryview] = []     # views of this request only, released after
-        # Linux AIO needs each buffer's address, so O_DIRECT mode pins them:
-        # a persistent page once (page_pins), any other view for this request.
+        # Linux AIO needs each buffer's address: a persistent page's is its
+        # slot's in the area; any other view is pinned for this request.
         use_aio = self.aio is not None and not any(m.readonly for m in maps)
         iov: list[bytes] = []           # packed struct iovec entries
         pins: list[aio.Pin] = []
-        page_views = self.page_views
         try:
             for seg, m in zip(req.segments, maps):
-                if seg.first_sect == 0 and seg.last_sect == blkif.SECTORS_PER_PAGE - 1 \
-                        and m.ref in page_views and self.pgrants.get(m.ref) is m:
-                    views.append(page_views[m.ref])
-                    if use_aio:
-                        pin = self.page_pins.get(m.ref)
-                        if pin is None:
-                            pin = self.page_pins[m.ref] = aio.Pin(page_views[m.ref])
-                        iov.append(pin.iovec)
-                    continue
-                v = memoryview(m.map)[seg.first_sect * SECTOR:(seg.last_sect + 1) * SECTOR]
+                lo, hi = seg.first_sect * SECTOR, (seg.last_sect + 1) * SECTOR
+                v = memoryview(m.map)[lo:hi]
                 made.append(v)
                 views.append(v)
-                if use_aio:
+                if not use_aio:
+                    continue
+                if m.slot >= 0:
+                    iov.append(aio.iovec(self.area.addr + m.slot * blkif.PAGE_SIZE + lo, hi - lo))
+                else:
                     pins.append(aio.Pin(v))
                     iov.append(pins[-1].iovec)
             pos = req.sector_number * SECTOR
@@ -769,7 +753,6 @@ class Connection:
                     finally:
                         for m in new:       # persistent even if the rest failed
                             self.pgrants[m.ref] = m
-                            self.page_views[m.ref] = m.map
                 except (GrantError, HypercallError) as exc:
                     raise _Refused(f"grant map failed: {exc}") from None
         by_ref = {m.ref: m for m in temporary}
