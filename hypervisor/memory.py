@@ -27,9 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from ipc.channel import HypercallError
-from ipc.page import PAGE_SIZE, map_frame, new_frame
-
-MAX_POPULATE_BATCH = 512
+from ipc.page import MAX_POPULATE_BATCH, PAGE_SIZE, map_frame, new_frame
 
 
 @dataclass

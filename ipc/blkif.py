@@ -103,8 +103,7 @@ VDISK_READONLY = 0x4
 SEGMENT = struct.Struct("<IBBxx")                       # 8 bytes
 REQUEST_HEAD = struct.Struct("<BBH4xQQ")                # 24 bytes
 SEGMENT_SIZE = SEGMENT.size
-_SEGMENT, _REQ_HEAD = SEGMENT, REQUEST_HEAD
-_REQUEST_SIZE = _REQ_HEAD.size + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEGMENT.size
+_REQUEST_SIZE = REQUEST_HEAD.size + BLKIF_MAX_SEGMENTS_PER_REQUEST * SEGMENT.size
 _DISCARD = struct.Struct("<BBH4xQQQ")                   # 32 bytes
 #: blkif_request_indirect's fields: operation, indirect_op, nr_segments, id,
 #: sector_number, handle, indirect_grefs[8] (public for backends' fast paths).
@@ -166,11 +165,11 @@ class Segment:
         _check_range("gref", self.gref, 32)
         _check_range("first_sect", self.first_sect, 8)
         _check_range("last_sect", self.last_sect, 8)
-        return _SEGMENT.pack(self.gref, self.first_sect, self.last_sect)
+        return SEGMENT.pack(self.gref, self.first_sect, self.last_sect)
 
     @classmethod
     def unpack(cls, data: bytes, offset: int = 0) -> "Segment":
-        return cls(*_SEGMENT.unpack_from(data, offset))
+        return cls(*SEGMENT.unpack_from(data, offset))
 
 
 @dataclass(frozen=True)
@@ -200,10 +199,10 @@ class BlkifRequest:
         _check_range("id", self.id, 64)
         _check_range("sector_number", self.sector_number, 64)
         out = bytearray(REQUEST_SIZE)
-        _REQ_HEAD.pack_into(out, 0, self.operation, len(self.segments), self.handle,
+        REQUEST_HEAD.pack_into(out, 0, self.operation, len(self.segments), self.handle,
                             self.id, self.sector_number)
         for i, seg in enumerate(self.segments):
-            out[_REQ_HEAD.size + i * 8:_REQ_HEAD.size + (i + 1) * 8] = seg.pack()
+            out[REQUEST_HEAD.size + i * 8:REQUEST_HEAD.size + (i + 1) * 8] = seg.pack()
         return bytes(out)
 
 
@@ -297,9 +296,9 @@ def unpack_request(data: bytes) -> AnyRequest:
     protocol forbids; raises :class:`BlkifError` if ``data`` is too short to
     hold even the id.
     """
-    if len(data) < _REQ_HEAD.size:
+    if len(data) < REQUEST_HEAD.size:
         raise BlkifError(f"request needs {REQUEST_SIZE} bytes, got {len(data)}")
-    op, nseg, handle, rid, sector = _REQ_HEAD.unpack_from(data, 0)
+    op, nseg, handle, rid, sector = REQUEST_HEAD.unpack_from(data, 0)
     if op in (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
               BLKIF_OP_FLUSH_DISKCACHE):
         if len(data) < REQUEST_SIZE:
@@ -309,7 +308,7 @@ def unpack_request(data: bytes) -> AnyRequest:
                                     f"{BLKIF_MAX_SEGMENTS_PER_REQUEST}")
         if nseg == 0 and op in (BLKIF_OP_READ, BLKIF_OP_WRITE):
             raise BlkifRequestError(rid, op, "read/write with no segments")
-        segs = tuple(Segment.unpack(data, _REQ_HEAD.size + i * 8) for i in range(nseg))
+        segs = tuple(Segment.unpack(data, REQUEST_HEAD.size + i * 8) for i in range(nseg))
         for i, s in enumerate(segs):
             why = s.problem()
             if why:

@@ -34,6 +34,9 @@ import os
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+#: Frames one XENMEM_populate_physmap may create: the hypervisor refuses
+#: more, so a kernel that wants more asks in batches.
+MAX_POPULATE_BATCH = 512
 
 
 def new_frame(label: str = "frame", npages: int = 1) -> int:

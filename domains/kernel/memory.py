@@ -17,14 +17,11 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ipc.page import map_frame
+from ipc.page import MAX_POPULATE_BATCH, map_frame
 
 if TYPE_CHECKING:
     from domains.kernel.hypercall import Hypervisor
     from domains.kernel.vmap import VmArea
-
-#: Frames one populate_physmap asks for (the hypervisor's own limit per call).
-POPULATE_BATCH = 512
 
 
 @dataclass
@@ -61,8 +58,8 @@ class Memory:
     async def alloc_into(self, area: "VmArea", slots: list[int]) -> list[int]:
         """Fresh frames in ``slots`` of ``area``; returns their gfns, in order."""
         gfns: list[int] = []
-        for lo in range(0, len(slots), POPULATE_BATCH):
-            part = slots[lo:lo + POPULATE_BATCH]
+        for lo in range(0, len(slots), MAX_POPULATE_BATCH):
+            part = slots[lo:lo + MAX_POPULATE_BATCH]
             result, fds = await self.hv.call_fds("memory_op", "populate_physmap",
                                                  nr_extents=len(part))
             try:
